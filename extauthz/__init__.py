@@ -1,0 +1,1 @@
+"""Envoy external authorization: identity (JWT, API keys, SPIFFE) -> RBAC policy -> decision."""

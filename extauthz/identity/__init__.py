@@ -1,0 +1,1 @@
+"""Identity providers: each turns a request's credential into an ``Identity`` (see ``base.IdentityProvider``)."""

@@ -1,0 +1,39 @@
+"""The contract every identity provider keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from extauthz.model import CheckInput, Identity, IdentityKind
+
+
+class RefreshNeeded(Exception):  # noqa: N818 - a signal, not an error
+    """The synchronous path cannot decide without I/O (e.g. an unknown JWT ``kid``).
+
+    The caller awaits ``refresh()`` (single-flight and rate limited by the provider) and then asks again, once.
+    """
+
+    def __init__(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        super().__init__("refresh needed")
+        self.refresh = refresh
+
+
+class IdentityProvider(Protocol):
+    kind: IdentityKind
+
+    def authenticate(self, inp: CheckInput) -> Identity | None:
+        """Return the identity, or None when the request carries no credential of this kind.
+
+        Raise ``AuthenticationError`` when a credential is present but not acceptable, ``RefreshNeeded`` when the
+        answer needs I/O first. Must not block: all network I/O happens in background tasks or in ``refresh``.
+        """
+        ...
+
+    async def start(self) -> None:
+        """Begin background work (key refresh). Called once before serving; idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work."""
+        ...

@@ -1,0 +1,128 @@
+"""identity (first success wins) -> policy -> response, with a deadline; fails closed and never raises.
+
+``decide`` is synchronous so that a transport can answer without creating a task when nothing needs I/O (the common
+case: cached keys, cached tokens). Only when a provider asks for I/O (an unknown JWT ``kid``) does ``check`` await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from extauthz import response
+from extauthz.config import ResponseSettings
+from extauthz.identity.base import IdentityProvider, RefreshNeeded
+from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, Reason
+from extauthz.policy_api import CompiledPolicy
+
+log = logging.getLogger(__name__)
+
+
+class DecisionObserver(Protocol):
+    """Audit log and metrics: told about every decision with its latency."""
+
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None: ...
+
+
+class NullObserver:
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None:
+        return None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        providers: Sequence[IdentityProvider],
+        policy: CompiledPolicy,
+        response_settings: ResponseSettings,
+        *,
+        observer: DecisionObserver | None = None,
+        deadline_s: float = 1.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.providers = tuple(providers)
+        self.policy = policy
+        self.response_settings = response_settings
+        self.observer: DecisionObserver = observer or NullObserver()
+        self.deadline_s = deadline_s
+        self._clock = clock
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for provider in self.providers:
+            await provider.start()
+
+    async def close(self) -> None:
+        for provider in self.providers:
+            await provider.close()
+
+    # -- decisions -------------------------------------------------------------------------------------------
+    def _decide(self, inp: CheckInput) -> Decision:
+        identity: Identity | None = None
+        auth_error: AuthenticationError | None = None
+        for provider in self.providers:
+            try:
+                identity = provider.authenticate(inp)
+            except AuthenticationError as error:
+                auth_error = auth_error or error
+                continue
+            if identity is not None:
+                break
+        verdict = self.policy.evaluate(inp, identity, auth_error)
+        if verdict.allowed:
+            return response.allow(inp, identity, verdict.rule, verdict.reason, self.response_settings)
+        return response.deny(
+            inp,
+            verdict.status,
+            verdict.reason,
+            verdict.message,
+            self.response_settings,
+            identity=identity,
+            rule=verdict.rule,
+        )
+
+    def fail_closed(self, inp: CheckInput, reason: Reason, message: str) -> Decision:
+        return response.deny(inp, 503 if reason is Reason.TIMEOUT else 500, reason, message, self.response_settings)
+
+    def decide(self, inp: CheckInput) -> Decision:
+        """Answer now, or raise ``RefreshNeeded`` when the answer needs I/O. Never raises anything else."""
+        started = self._clock()
+        try:
+            decision = self._decide(inp)
+        except RefreshNeeded:
+            raise
+        except Exception:
+            log.exception("extauthz decision failed; denying")
+            decision = self.fail_closed(inp, Reason.INTERNAL_ERROR, "internal error")
+        self.observer.record(inp, decision, self._clock() - started)
+        return decision
+
+    async def check(self, inp: CheckInput) -> Decision:
+        """Answer, awaiting a key refresh if one is needed, within the deadline. Never raises."""
+        try:
+            return self.decide(inp)
+        except RefreshNeeded as needed:
+            return await self._check_after_refresh(inp, needed)
+
+    async def _check_after_refresh(self, inp: CheckInput, needed: RefreshNeeded) -> Decision:
+        started = self._clock()
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                await needed.refresh()
+        except TimeoutError:
+            decision = self.fail_closed(inp, Reason.TIMEOUT, "identity provider did not answer in time")
+            self.observer.record(inp, decision, self._clock() - started)
+            return decision
+        except Exception:
+            log.warning("identity refresh failed", exc_info=True)
+        try:
+            return self.decide(inp)
+        except RefreshNeeded:
+            decision = response.deny(
+                inp, 401, Reason.UNKNOWN_KEY, "token signed with an unknown key", self.response_settings
+            )
+            self.observer.record(inp, decision, self._clock() - started)
+            return decision

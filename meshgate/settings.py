@@ -1,0 +1,108 @@
+"""Process settings: loaded once from flags, then ``MESHGATE_*`` environment variables, then defaults.
+
+Validated at start-up; a bad value stops the process with one clear line naming the flag and its env variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SERVICES = ("extauthz", "ratelimit")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    service: str
+    config: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 9001  # 0 picks a free port (logged)
+    http_port: int = 9002  # extauthz's HTTP ext_authz mode; -1 turns it off
+    admin_port: int = 9090  # -1 turns it off
+    log_level: str = "info"
+    drain_s: float = 5.0  # after SIGTERM: not-ready first, then at most this long for in-flight calls
+    deadline_s: float = 1.0  # per-call budget before failing closed
+    reload_interval_s: float = 1.0  # how often config files are checked for changes
+    backend: str = "memory"  # ratelimit counters: memory | redis://... (later issues)
+
+    @property
+    def env_names(self) -> dict[str, str]:
+        return {f.name: env_name(f.name) for f in fields(self)}
+
+
+def env_name(field_name: str) -> str:
+    return f"MESHGATE_{field_name.upper()}"
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"--{name.replace('_', '-')} / {env_name(name)}: expected {kind.__name__}, got {raw!r}"
+        ) from None
+
+
+_KINDS: dict[str, type] = {
+    "service": str,
+    "config": Path,
+    "host": str,
+    "grpc_port": int,
+    "http_port": int,
+    "admin_port": int,
+    "log_level": str,
+    "drain_s": float,
+    "deadline_s": float,
+    "reload_interval_s": float,
+    "backend": str,
+}
+
+
+def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServeSettings:
+    """Flags (None = not given) win over ``MESHGATE_*`` env variables, which win over defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, kind in _KINDS.items():
+        raw = flags.get(name)
+        if raw is None:
+            raw = environ.get(env_name(name))
+        if raw is not None:
+            values[name] = _coerce(name, raw, kind)
+    if "service" not in values:
+        raise SettingsError("a service is required: extauthz or ratelimit")
+    if "config" not in values:
+        raise SettingsError(f"--config / {env_name('config')} is required")
+    settings = ServeSettings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: ServeSettings) -> None:
+    if settings.service not in SERVICES:
+        raise SettingsError(f"unknown service {settings.service!r}; expected one of {', '.join(SERVICES)}")
+    for name in ("grpc_port", "http_port", "admin_port"):
+        port = getattr(settings, name)
+        lowest = 0 if name == "grpc_port" else -1
+        if not lowest <= port <= 65535:
+            raise SettingsError(f"--{name.replace('_', '-')} / {env_name(name)}: {port} is not a port")
+    if settings.log_level not in LOG_LEVELS:
+        raise SettingsError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
+    for name in ("drain_s", "deadline_s", "reload_interval_s"):
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{env_name(name)}: must be positive")
+    if not settings.config.exists():
+        raise SettingsError(f"--config: {settings.config} does not exist")

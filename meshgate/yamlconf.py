@@ -1,0 +1,215 @@
+"""YAML loading that remembers where every value came from, so config errors name file and line.
+
+``load(path)`` returns plain dicts/lists/scalars, except that mappings are ``Located`` dicts which know the line of
+each key; ``Reader`` walks them strictly (unknown keys and wrong types are ``ConfigError`` with ``file:line``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config file is not acceptable. ``str()`` is ``file:line: message``."""
+
+    def __init__(self, source: str, line: int, message: str) -> None:
+        self.source = source
+        self.line = line
+        self.message = message
+        super().__init__(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
+
+class Located(dict[str, Any]):
+    """A mapping that remembers its own line and each key's line (1-based)."""
+
+    line: int = 0
+    key_lines: dict[str, int]
+
+
+class LocatedList(list[Any]):
+    line: int = 0
+    item_lines: list[int]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Located:
+    loader.flatten_mapping(node)
+    result = Located()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise ConfigError(loader.name, key_node.start_mark.line + 1, f"keys must be strings, got {key!r}")
+        if key in result:
+            raise ConfigError(loader.name, key_node.start_mark.line + 1, f"duplicate key {key!r}")
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LocatedList:
+    result = LocatedList(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+# Timestamps stay strings: callers parse the formats they accept and name the line when they can't.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def loads(text: str, source: str) -> Any:
+    """Parse one YAML document from ``text``; ``source`` names it in errors."""
+    loader = _Loader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError(source, line, f"invalid YAML: {error.problem or error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(source, 0, f"invalid YAML: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def load(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(str(path), 0, f"cannot read: {error}") from None
+    return loads(text, str(path))
+
+
+class Reader:
+    """Strict, typed access to one ``Located`` mapping. Call ``done()`` to reject keys nobody asked for."""
+
+    def __init__(self, data: Any, source: str, line: int = 0, what: str = "mapping") -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(source, getattr(data, "line", line), f"expected a {what}, got {_kind(data)}")
+        self.data = data
+        self.source = source
+        self.line = getattr(data, "line", line)
+        self._key_lines: dict[str, int] = getattr(data, "key_lines", {})
+        self._used: set[str] = set()
+
+    def line_of(self, key: str) -> int:
+        return self._key_lines.get(key, self.line)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.source, self.line_of(key), f"{key}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def get(self, key: str, kind: type[T], default: T) -> T:
+        self._used.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        return self._check(key, self.data[key], kind)
+
+    def require(self, key: str, kind: type[T]) -> T:
+        self._used.add(key)
+        if key not in self.data or self.data[key] is None:
+            raise ConfigError(self.source, self.line, f"missing required key {key!r}")
+        return self._check(key, self.data[key], kind)
+
+    def number(self, key: str, default: float, *, minimum: float | None = None) -> float:
+        self._used.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {_kind(value)}")
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A list of strings; a single string is accepted as a list of one."""
+        self._used.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.error(key, "expected a string or a list of strings")
+        return tuple(value)
+
+    def child(self, key: str) -> Reader | None:
+        self._used.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return None
+        return Reader(value, self.source, self.line_of(key), what=f"mapping under {key!r}")
+
+    def children(self, key: str) -> Iterator[Reader]:
+        """Each mapping in the list under ``key``."""
+        self._used.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {_kind(value)}")
+        lines = getattr(value, "item_lines", [self.line_of(key)] * len(value))
+        for item, line in zip(value, lines, strict=True):
+            yield Reader(item, self.source, line, what=f"mapping in {key!r}")
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in allowed:
+            raise self.error(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    def convert(self, key: str, parse: Callable[[Any], T], default: T) -> T:
+        """Parse ``key`` with ``parse``; its ValueError becomes a ConfigError on that line."""
+        self._used.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        try:
+            return parse(self.data[key])
+        except (ValueError, TypeError) as error:
+            raise self.error(key, str(error)) from None
+
+    def done(self) -> None:
+        unknown = [key for key in self.data if key not in self._used]
+        if unknown:
+            key = unknown[0]
+            raise ConfigError(self.source, self.line_of(key), f"unknown key {key!r}")
+
+    def _check(self, key: str, value: Any, kind: type[T]) -> T:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # type: ignore[return-value]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(key, f"expected {kind.__name__}, got {_kind(value)}")
+        return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
