@@ -1,0 +1,126 @@
+"""The ``meshgate`` command: serve, validate, demo, apikey."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from meshgate import __version__
+from meshgate.settings import LOG_LEVELS, SERVICES, SettingsError, load_settings
+from meshgate.yamlconf import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from meshgate.log import configure_logging
+    from meshgate.runtime import run_forever
+
+    flags = {
+        "service": args.service,
+        "config": args.config,
+        "host": args.host,
+        "grpc_port": args.grpc_port,
+        "http_port": args.http_port,
+        "admin_port": args.admin_port,
+        "log_level": args.log_level,
+        "drain_s": args.drain_seconds,
+        "deadline_s": args.deadline_seconds,
+    }
+    try:
+        settings = load_settings(flags)
+    except SettingsError as error:
+        print(f"meshgate: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.service == "extauthz":
+        from extauthz.app import build_extauthz
+
+        try:
+            run_forever(settings, build_extauthz)
+        except ConfigError as error:
+            print(f"meshgate: invalid config: {error}", file=sys.stderr)
+            return 1
+        return 0
+    print("meshgate: the ratelimit service is not built yet", file=sys.stderr)
+    return 2
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from meshgate.validate import validate_path
+
+    failed = False
+    for path in args.paths:
+        try:
+            summary = validate_path(Path(path))
+        except ConfigError as error:
+            print(f"{error}", file=sys.stderr)
+            failed = True
+        else:
+            print(f"{path}: ok ({summary})")
+    return 1 if failed else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meshgate.demo import run_demo
+
+    return run_demo(tour_only=args.tour_only)
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    from extauthz.identity.apikey import generate_api_key, hash_api_key
+
+    if args.action == "new":
+        key = generate_api_key()
+        print(f"key:    {key}\nsha256: {hash_api_key(key)}")
+        print("Give the key to the client; put only the sha256 in the keys file.", file=sys.stderr)
+    else:
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("meshgate: no key on standard input", file=sys.stderr)
+            return 2
+        print(hash_api_key(key))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshgate", description="External authorization and global rate limiting for Envoy and Istio."
+    )
+    parser.add_argument("--version", action="version", version=f"meshgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve one of the services")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("--config", help="policy file (extauthz) or descriptor directory (ratelimit)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (0 picks a free one; default 9001)")
+    serve.add_argument("--http-port", type=int, help="extauthz HTTP ext_authz port (-1 off; default 9002)")
+    serve.add_argument("--admin-port", type=int, help="admin HTTP port (-1 off; default 9090)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS)
+    serve.add_argument("--drain-seconds", type=float, help="SIGTERM grace for in-flight calls (default 5)")
+    serve.add_argument("--deadline-seconds", type=float, help="per-call budget before failing closed (default 1)")
+    serve.set_defaults(handler=_serve)
+
+    validate = commands.add_parser("validate", help="check config files; exit 1 with file:line on an error")
+    validate.add_argument("paths", nargs="+")
+    validate.set_defaults(handler=_validate)
+
+    demo = commands.add_parser("demo", help="run Envoy + meshgate on loopback and take a short tour")
+    demo.add_argument("--tour-only", action="store_true", help="run the tour and exit (non-zero on a failure)")
+    demo.set_defaults(handler=_demo)
+
+    apikey = commands.add_parser("apikey", help="make API keys for the keys file")
+    apikey.add_argument("action", choices=("new", "hash"), help="new: a fresh key and its hash; hash: of stdin")
+    apikey.set_defaults(handler=_apikey)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
