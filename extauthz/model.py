@@ -72,7 +72,7 @@ class Identity:
     roles: frozenset[str] = frozenset()
     scopes: frozenset[str] = frozenset()
     tier: str = ""
-    claims: Mapping[str, Any] = EMPTY_CLAIMS
+    claims: Mapping[str, Any] = field(default_factory=lambda: EMPTY_CLAIMS)
     # Header that carried the credential, so the response can strip it before the upstream sees it.
     credential_header: str = ""
 

@@ -1,0 +1,185 @@
+"""The pipeline's own logic, with tiny in-test providers and policy (the real ones have their own tests)."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from extauthz.config import ResponseSettings
+from extauthz.identity.base import RefreshNeeded
+from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, IdentityKind, Reason
+from extauthz.pipeline import Pipeline
+from extauthz.policy_api import Verdict
+
+INP = CheckInput(method="GET", host="h", path="/p", headers={"x-user": "alice"}, request_id="r1")
+
+
+class HeaderProvider:
+    """Identity from x-user; 'bad' is a rejected credential; 'boom' a bug."""
+
+    kind = IdentityKind.API_KEY
+
+    def __init__(self) -> None:
+        self.started = self.closed = 0
+
+    def authenticate(self, inp: CheckInput) -> Identity | None:
+        user = inp.headers.get("x-user")
+        if user is None:
+            return None
+        if user == "bad":
+            raise AuthenticationError(Reason.INVALID_API_KEY, "bad key")
+        if user == "boom":
+            raise RuntimeError("bug")
+        return Identity(kind=self.kind, subject=user)
+
+    async def start(self) -> None:
+        self.started += 1
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+class RefreshingProvider:
+    """Needs a refresh before it knows 'late'; refresh behaviour is set per test."""
+
+    kind = IdentityKind.JWT
+
+    def __init__(self, refresh: Callable[[], Awaitable[None]], learns: bool = True) -> None:
+        self.known = False
+        self._refresh = refresh
+        self.learns = learns
+
+    def authenticate(self, inp: CheckInput) -> Identity | None:
+        if inp.headers.get("x-late") is None:
+            return None
+        if not self.known:
+            raise RefreshNeeded(self._do_refresh)
+        return Identity(kind=self.kind, subject="late")
+
+    async def _do_refresh(self) -> None:
+        await self._refresh()
+        self.known = self.learns
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class Policy:
+    """Allow any identity; 401 without; 403 for 'mallory'."""
+
+    def evaluate(
+        self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None
+    ) -> Verdict:
+        if identity is None:
+            if auth_error is not None:
+                return Verdict(False, 401, auth_error.reason, message=auth_error.message)
+            return Verdict(False, 401, Reason.MISSING_CREDENTIAL, message="authentication required")
+        if identity.subject == "mallory":
+            return Verdict(False, 403, Reason.FORBIDDEN, rule="r", message="forbidden")
+        return Verdict(True, 200, Reason.ALLOWED, rule="r")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[Decision, float]] = []
+
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None:
+        self.seen.append((decision, elapsed_s))
+
+
+def make(*providers: object, deadline_s: float = 1.0) -> tuple[Pipeline, Recorder]:
+    recorder = Recorder()
+    ticks = iter(range(1000))
+    pipeline = Pipeline(
+        providers,  # type: ignore[arg-type]
+        Policy(),
+        ResponseSettings(),
+        observer=recorder,
+        deadline_s=deadline_s,
+        clock=lambda: float(next(ticks)),
+    )
+    return pipeline, recorder
+
+
+def with_headers(**headers: str) -> CheckInput:
+    return CheckInput(method="GET", host="h", path="/p", headers=headers, request_id="r1")
+
+
+def test_first_success_wins_and_is_recorded() -> None:
+    pipeline, recorder = make(HeaderProvider())
+    decision = pipeline.decide(INP)
+    assert decision.allowed and decision.identity is not None and decision.identity.subject == "alice"
+    assert recorder.seen == [(decision, 1.0)]
+
+
+def test_rejected_credential_reason_reaches_the_401() -> None:
+    pipeline, _ = make(HeaderProvider())
+    decision = pipeline.decide(with_headers(**{"x-user": "bad"}))
+    assert (decision.status, decision.reason) == (401, Reason.INVALID_API_KEY)
+
+
+def test_no_credential_is_401_missing_and_policy_refusal_is_403() -> None:
+    pipeline, _ = make(HeaderProvider())
+    assert pipeline.decide(with_headers()).reason is Reason.MISSING_CREDENTIAL
+    assert pipeline.decide(with_headers(**{"x-user": "mallory"})).status == 403
+
+
+def test_a_bug_fails_closed_without_raising() -> None:
+    pipeline, recorder = make(HeaderProvider())
+    decision = pipeline.decide(with_headers(**{"x-user": "boom"}))
+    assert not decision.allowed and (decision.status, decision.reason) == (500, Reason.INTERNAL_ERROR)
+    assert recorder.seen[0][0] is decision
+
+
+async def test_refresh_then_answer() -> None:
+    calls = 0
+
+    async def refresh() -> None:
+        nonlocal calls
+        calls += 1
+
+    pipeline, _ = make(RefreshingProvider(refresh))
+    with pytest.raises(RefreshNeeded):
+        pipeline.decide(with_headers(**{"x-late": "1"}))
+    decision = await pipeline.check(with_headers(**{"x-late": "1"}))
+    assert decision.allowed and calls == 1
+
+
+async def test_still_unknown_after_refresh_is_401_unknown_key() -> None:
+    async def refresh() -> None:
+        return None
+
+    pipeline, recorder = make(RefreshingProvider(refresh, learns=False))
+    decision = await pipeline.check(with_headers(**{"x-late": "1"}))
+    assert (decision.status, decision.reason) == (401, Reason.UNKNOWN_KEY)
+    assert recorder.seen[-1][0] is decision
+
+
+async def test_refresh_past_the_deadline_fails_closed() -> None:
+    async def slow() -> None:
+        await asyncio.sleep(10)
+
+    pipeline, _ = make(RefreshingProvider(slow), deadline_s=0.01)
+    decision = await pipeline.check(with_headers(**{"x-late": "1"}))
+    assert (decision.status, decision.reason) == (503, Reason.TIMEOUT)
+
+
+async def test_failing_refresh_is_logged_then_decided() -> None:
+    async def broken() -> None:
+        raise OSError("issuer down")
+
+    pipeline, _ = make(RefreshingProvider(broken, learns=False))
+    decision = await pipeline.check(with_headers(**{"x-late": "1"}))
+    assert decision.reason is Reason.UNKNOWN_KEY
+
+
+async def test_lifecycle_reaches_providers() -> None:
+    provider = HeaderProvider()
+    pipeline, _ = make(provider)
+    await pipeline.start()
+    await pipeline.close()
+    assert (provider.started, provider.closed) == (1, 1)
+    assert (await pipeline.check(INP)).allowed

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import pytest
+
+from meshgate.settings import SettingsError, load_settings
+
+
+def test_flags_win_over_env_and_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text("version: 1\n")
+    env = {"MESHGATE_GRPC_PORT": "7000", "MESHGATE_ADMIN_PORT": "7001", "MESHGATE_CONFIG": str(config)}
+    settings = load_settings({"service": "extauthz", "grpc_port": 0}, env)
+    assert settings.grpc_port == 0  # flag
+    assert settings.admin_port == 7001  # env
+    assert settings.http_port == 9002  # default
+    assert settings.config == config
+    assert settings.env_names["grpc_port"] == "MESHGATE_GRPC_PORT"
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({}, {}, "a service is required"),
+        ({"service": "extauthz"}, {}, "--config / MESHGATE_CONFIG is required"),
+        ({"service": "nope", "config": "."}, {}, "unknown service 'nope'"),
+        ({"service": "extauthz", "config": "."}, {"MESHGATE_GRPC_PORT": "x"}, "--grpc-port / MESHGATE_GRPC_PORT"),
+        ({"service": "extauthz", "config": ".", "grpc_port": 70000}, {}, "70000 is not a port"),
+        ({"service": "extauthz", "config": ".", "admin_port": -2}, {}, "-2 is not a port"),
+        ({"service": "extauthz", "config": ".", "log_level": "loud"}, {}, "--log-level"),
+        ({"service": "extauthz", "config": ".", "drain_s": 0}, {}, "MESHGATE_DRAIN_S: must be positive"),
+        ({"service": "extauthz", "config": "/does/not/exist"}, {}, "does not exist"),
+    ],
+)
+def test_bad_settings_are_explained(flags: dict[str, object], env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(flags, env)
