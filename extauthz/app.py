@@ -10,6 +10,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from meshgate.reload import ConfigWatcher
+
 from extauthz.audit import AuditObserver
 from extauthz.config import ExtauthzConfig
 from extauthz.config_loader import load_config
@@ -23,7 +25,6 @@ from extauthz.identity.mtls import SpiffeProvider
 from extauthz.model import IdentityKind
 from extauthz.pipeline import DecisionObserver, Pipeline
 from extauthz.policy import compile_policy
-from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
 
 log = logging.getLogger(__name__)
@@ -115,4 +116,6 @@ async def build_extauthz(runtime: ServiceRuntime) -> None:
     runtime.on_stop(service.close)
     runtime.add_grpc_service(AUTHORIZATION_SERVICE, lambda server: add_to_server(server, service.pipeline))
     if settings.http_port >= 0:
-        runtime.add_server("http", lambda: start_http_server(settings.host, settings.http_port, service.pipeline))
+        runtime.add_server(
+            "http", lambda: start_http_server(settings.host, settings.http_port, service.pipeline)
+        )

@@ -23,7 +23,11 @@ def test_flags_win_over_env_and_defaults(tmp_path: Path) -> None:
         ({}, {}, "a service is required"),
         ({"service": "extauthz"}, {}, "--config / MESHGATE_CONFIG is required"),
         ({"service": "nope", "config": "."}, {}, "unknown service 'nope'"),
-        ({"service": "extauthz", "config": "."}, {"MESHGATE_GRPC_PORT": "x"}, "--grpc-port / MESHGATE_GRPC_PORT"),
+        (
+            {"service": "extauthz", "config": "."},
+            {"MESHGATE_GRPC_PORT": "x"},
+            "--grpc-port / MESHGATE_GRPC_PORT",
+        ),
         ({"service": "extauthz", "config": ".", "grpc_port": 70000}, {}, "70000 is not a port"),
         ({"service": "extauthz", "config": ".", "admin_port": -2}, {}, "-2 is not a port"),
         ({"service": "extauthz", "config": ".", "log_level": "loud"}, {}, "--log-level"),

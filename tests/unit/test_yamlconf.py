@@ -61,7 +61,10 @@ def test_unknown_key_in_list_item_names_its_line() -> None:
         (lambda r: r.strings("nested"), "t.yaml:7: nested: expected a string or a list of strings"),
         (lambda r: list(r.children("name")), "t.yaml:1: name: expected a list, got str 'demo'"),
         (lambda r: r.choice("name", ("a", "b"), "a"), "t.yaml:1: name: must be one of a, b; got 'demo'"),
-        (lambda r: r.convert("name", int, 0), "t.yaml:1: name: invalid literal for int() with base 10: 'demo'"),
+        (
+            lambda r: r.convert("name", int, 0),
+            "t.yaml:1: name: invalid literal for int() with base 10: 'demo'",
+        ),
     ],
 )
 def test_errors_name_file_and_line(call, message) -> None:  # type: ignore[no-untyped-def]

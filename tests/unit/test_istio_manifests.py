@@ -1,0 +1,88 @@
+"""The manifests in istio/ are checked offline against Istio's published CRD schemas (no cluster here)."""
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT.parent / "shared" / "istio-crds" / "customresourcedefinitions.gen.yaml"
+
+
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted((ROOT / "istio").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((path.name, doc))
+    return found
+
+
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    schemas = {}
+    for crd in yaml.safe_load_all(CRDS.read_text()):
+        if not crd:
+            continue
+        group = crd["spec"]["group"]
+        kind = crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schemas[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def test_every_manifest_has_kind_and_name() -> None:
+    docs = manifests()
+    assert docs, "istio/ holds manifests"
+    for name, doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind"), name
+        if doc["kind"] != "IstioOperator":
+            assert doc["metadata"]["name"], name
+
+
+@pytest.mark.skipif(not CRDS.exists(), reason="shared/istio-crds is not beside the repo")
+def test_istio_resources_match_the_crd_schemas() -> None:
+    schemas = crd_schemas()
+    checked = 0
+    for _, doc in manifests():
+        schema = schemas.get((doc["apiVersion"], doc["kind"]))
+        if schema is None:
+            continue
+        jsonschema.validate({"spec": doc["spec"]}, {**schema, "required": []})
+        checked += 1
+    assert checked >= 1
+
+
+def test_custom_policy_points_at_a_declared_provider() -> None:
+    docs = manifests()
+    providers = {
+        provider["name"]
+        for _, doc in docs
+        if doc["kind"] == "IstioOperator"
+        for provider in doc["spec"]["meshConfig"]["extensionProviders"]
+    }
+    customs = [
+        doc for _, doc in docs if doc["kind"] == "AuthorizationPolicy" and doc["spec"]["action"] == "CUSTOM"
+    ]
+    assert customs
+    for doc in customs:
+        assert doc["spec"]["provider"]["name"] in providers
+    for _, doc in docs:
+        if doc["kind"] == "IstioOperator":
+            for provider in doc["spec"]["meshConfig"]["extensionProviders"]:
+                body = provider.get("envoyExtAuthzGrpc") or provider.get("envoyExtAuthzHttp")
+                assert body["timeout"], "Istio's default timeout is 600s: always set one"
+                assert body["failOpen"] is False
+
+
+def test_configmap_policy_is_a_valid_extauthz_policy(tmp_path: Path) -> None:
+    from meshgate.validate import validate_path
+
+    for _, doc in manifests():
+        if doc["kind"] == "ConfigMap" and "policy.yaml" in doc.get("data", {}):
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(doc["data"]["policy.yaml"])
+            assert "extauthz policy" in validate_path(policy)
+            return
+    pytest.fail("no policy ConfigMap in istio/")
