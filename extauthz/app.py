@@ -94,7 +94,11 @@ class ExtauthzService:
         return self.watcher.current
 
     async def _on_swap(self, new: Pipeline) -> None:
+        """Start the new pipeline before it serves; release JWKS caches that no issuer uses any more."""
         await new.start()
+        await self.registry.retain(
+            cache for provider in new.providers if isinstance(provider, JwtProvider) for cache in provider.caches
+        )
 
     async def start(self) -> None:
         self.watcher.load_initial()

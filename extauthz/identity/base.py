@@ -8,7 +8,7 @@ from typing import Protocol
 from extauthz.model import CheckInput, Identity, IdentityKind
 
 
-class RefreshNeeded(Exception):  # noqa: N818 - a signal, not an error
+class RefreshNeeded(Exception):
     """The synchronous path cannot decide without I/O (e.g. an unknown JWT ``kid``).
 
     The caller awaits ``refresh()`` (single-flight and rate limited by the provider) and then asks again, once.

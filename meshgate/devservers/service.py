@@ -78,14 +78,10 @@ class ServiceProcess:
                 raise RuntimeError(f"meshgate exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             for record in self.log_records():
                 if record.get("msg") == "listening":
-                    return {
-                        k: int(v) for k, v in record.items() if k.endswith("_port") and isinstance(v, int)
-                    }
+                    return {k: int(v) for k, v in record.items() if k.endswith("_port") and isinstance(v, int)}
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(
-            f"meshgate did not start listening in {self.start_timeout}s:\n{self.log_text()[-3000:]}"
-        )
+        raise RuntimeError(f"meshgate did not start listening in {self.start_timeout}s:\n{self.log_text()[-3000:]}")
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM (drain), then kill if it lingers. Returns the exit code."""

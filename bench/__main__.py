@@ -1,0 +1,5 @@
+"""``python -m bench run [--quick] ...``."""
+
+from bench.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""Do-nothing ext_authz servers: the cost of each transport alone, the floor our services are compared with.
+
+``python -m bench.floors grpc --port N``: grpc.aio Authorization server answering OK to every Check.
+``python -m bench.floors http --port N``: raw asyncio protocol + httptools answering 200 to every request.
+Both on uvloop, both print ``floor-<kind> listening on HOST:PORT`` once serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Sequence
+from typing import Any, cast
+
+import grpc
+import httptools
+import uvloop
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from google.rpc import status_pb2
+
+_OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
+_HTTP_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
+class _AllowAll(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    async def Check(self, request: Any, context: Any) -> Any:
+        return _OK
+
+
+class _HttpAllow(asyncio.Protocol):
+    __slots__ = ("_parser", "_transport")
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._transport is not None:
+                self._transport.close()
+
+    def on_message_complete(self) -> None:
+        if self._transport is not None:
+            self._transport.write(_HTTP_OK)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_grpc(host: str, port: int) -> None:
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_AllowAll(), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"floor-grpc listening on {host}:{bound}", flush=True)
+    await _wait_for_signal()
+    await server.stop(grace=1)
+
+
+async def serve_http(host: str, port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(_HttpAllow, host, port)
+    print(f"floor-http listening on {host}:{server.sockets[0].getsockname()[1]}", flush=True)
+    await _wait_for_signal()
+    server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__)
+    parser.add_argument("kind", choices=("grpc", "http"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    serve = serve_grpc if args.kind == "grpc" else serve_http
+    uvloop.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Hot reload of config files by polling: validate the new version, swap it in, keep the last good one on failure.
+
+Polling (not inotify) because Kubernetes updates a mounted ConfigMap by swapping one symlink: the directory holds
+``..2024_x/`` (the real files), ``..data -> ..2024_x`` and ``policy.yaml -> ..data/policy.yaml``; the kubelet writes
+``..2024_y/`` and atomically renames a new ``..data`` over the old one. Following symlinks and fingerprinting each
+file's real path, inode, mtime and size catches that swap, in-place edits and editors' rename-over writes alike.
+
+The fingerprint is taken *before* each load, so a file that changes while a load is running differs from the
+recorded fingerprint at the next check and is loaded then (no lost updates). A failed load is logged once per
+version (one warning with the ``file:line`` error), counted, and the last good config keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from prometheus_client import Counter, Gauge
+
+from meshgate.yamlconf import ConfigError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+RELOADS = Counter("meshgate_config_reloads_total", "Config reloads after start-up, by result", ["component", "result"])
+LAST_RELOAD_SUCCESS = Gauge(
+    "meshgate_config_last_reload_success", "1 when the last config load succeeded, else 0", ["component"]
+)
+LAST_RELOAD_TIMESTAMP = Gauge(
+    "meshgate_config_last_reload_timestamp_seconds",
+    "Unix time of the last successful config load",
+    ["component"],
+)
+
+# One watched path's state: a sorted tuple of (real path, inode, mtime_ns, size), or a marker.
+PathState = tuple[tuple[str | int, ...], ...]
+Fingerprint = dict[str, PathState]
+
+_MISSING: PathState = (("missing",),)
+_UNSETTLED: PathState = (("unsettled",),)  # never equal to a real state: forces a reload at the next check
+_MAX_DEPTH = 8  # directory recursion bound (symlink loops are also cut by tracking real paths)
+_SETTLE_ATTEMPTS = 3
+
+
+def fingerprint(paths: Sequence[str | Path]) -> Fingerprint:
+    """State of each watched file or directory, following symlinks; never raises."""
+    return {str(path): _path_state(str(path)) for path in paths}
+
+
+def _file_state(path: str, info: os.stat_result) -> tuple[str | int, ...]:
+    return (os.path.realpath(path), info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+def _path_state(path: str) -> PathState:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return _MISSING
+    except OSError as error:
+        return (("error", error.errno or 0),)
+    if not stat.S_ISDIR(info.st_mode):
+        return (_file_state(path, info),)
+    entries: list[tuple[str | int, ...]] = []
+    _walk(path, entries, 0, set())
+    return tuple(sorted(entries, key=repr))
+
+
+def _walk(directory: str, out: list[tuple[str | int, ...]], depth: int, seen: set[str]) -> None:
+    real = os.path.realpath(directory)
+    if depth > _MAX_DEPTH or real in seen:
+        return
+    seen.add(real)
+    try:
+        names = os.listdir(directory)
+    except OSError as error:
+        out.append((directory, "unreadable", error.errno or 0))
+        return
+    for name in names:
+        # ConfigMap internals (..data, ..2024_x) hold the same files that the visible symlinks point to.
+        if name.startswith(".."):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            info = os.stat(path)
+        except OSError:
+            out.append((path, "dangling"))
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            _walk(path, out, depth + 1, seen)
+        elif stat.S_ISREG(info.st_mode):
+            out.append(_file_state(path, info))
+
+
+class ConfigWatcher(Generic[T]):
+    """Holds the current config of one component and replaces it when its files change.
+
+    ``load`` builds a config (raising ``ConfigError`` or anything else on a bad one); ``watched`` names the files
+    or directories to watch for a config (``None`` before the first load), e.g. the policy file plus the API-key
+    file it names; ``on_swap`` is awaited with each reloaded config *before* ``current`` changes: if it raises,
+    the reload counts as failed and the old config stays current. It is not called by ``load_initial``.
+
+    ``load`` runs on the event loop's thread by default (it may build objects bound to the loop); pass
+    ``load_in_thread=True`` for a large, pure load. Fingerprinting (stat calls) always runs in a worker thread.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], T],
+        watched: Callable[[T | None], Sequence[Path]],
+        on_swap: Callable[[T], Awaitable[None]],
+        *,
+        component: str,
+        interval_s: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+        load_in_thread: bool = False,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("interval_s must be positive")
+        self._load = load
+        self._watched = watched
+        self._on_swap = on_swap
+        self.component = component
+        self.interval_s = interval_s
+        self._wall_clock = wall_clock
+        self._load_in_thread = load_in_thread
+        self._current: T | None = None
+        self._seen: Fingerprint = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        # Create both series at 0 so dashboards and alerts see them before the first reload.
+        RELOADS.labels(component, "success")
+        RELOADS.labels(component, "failure")
+
+    @property
+    def current(self) -> T:
+        if self._current is None:
+            raise RuntimeError(f"{self.component}: load_initial() has not been called")
+        return self._current
+
+    def load_initial(self) -> T:
+        """Load at start-up; raises on a bad config so that start-up fails loudly."""
+        try:
+            value, seen = self._load_settled(None)
+        except Exception:
+            LAST_RELOAD_SUCCESS.labels(self.component).set(0)
+            raise
+        self._current, self._seen = value, seen
+        self._mark_success()
+        return value
+
+    async def check_now(self) -> bool:
+        """Reload if a watched file changed since the last load; True when a new config was swapped in."""
+        async with self._lock:
+            now = await asyncio.to_thread(fingerprint, self._paths(self._current))
+            if self._current is not None and now == self._seen:
+                return False
+            try:
+                if self._load_in_thread:
+                    value, seen = await asyncio.to_thread(self._load_settled, self._current)
+                else:
+                    value, seen = self._load_settled(self._current)
+                await self._on_swap(value)
+            except Exception as error:
+                # Remember the rejected version so it is reported once, not at every poll.
+                self._seen = now
+                self._mark_failure(error)
+                return False
+            self._current, self._seen = value, seen
+            RELOADS.labels(self.component, "success").inc()
+            self._mark_success()
+            log.info("%s config reloaded", self.component, extra={"component": self.component})
+            return True
+
+    async def start(self) -> None:
+        """Poll in the background every ``interval_s``. Idempotent."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._poll(), name=f"{self.component}-config-watcher")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- internals -------------------------------------------------------------------------------------------
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check_now()
+            except Exception:  # check_now handles load errors; this guards the loop against anything else
+                log.exception("%s config watcher check failed", self.component)
+
+    def _paths(self, basis: T | None) -> list[str]:
+        return list(dict.fromkeys(str(path) for path in self._watched(basis)))
+
+    def _load_settled(self, basis: T | None) -> tuple[T, Fingerprint]:
+        """Load, with a fingerprint taken before the load of every file the loaded config depends on.
+
+        When the new config watches files the old one did not (e.g. a new API-key file), fingerprint those and load
+        again, a bounded number of times; if it never settles, mark the new files so the next check reloads.
+        """
+        paths = self._paths(basis)
+        for _ in range(_SETTLE_ATTEMPTS):
+            seen = fingerprint(paths)
+            value = self._load()
+            wanted = self._paths(value)
+            if set(wanted) <= set(paths):
+                return value, {path: seen[path] for path in wanted}
+            paths = wanted
+        return value, {path: seen.get(path, _UNSETTLED) for path in wanted}
+
+    def _mark_success(self) -> None:
+        LAST_RELOAD_SUCCESS.labels(self.component).set(1)
+        LAST_RELOAD_TIMESTAMP.labels(self.component).set(self._wall_clock())
+
+    def _mark_failure(self, error: Exception) -> None:
+        RELOADS.labels(self.component, "failure").inc()
+        LAST_RELOAD_SUCCESS.labels(self.component).set(0)
+        # ConfigError's text is "file:line: message" and never carries secret values.
+        text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+        log.warning(
+            "%s config reload failed, keeping the last good config: %s",
+            self.component,
+            text,
+            extra={"component": self.component, "error": text},
+        )

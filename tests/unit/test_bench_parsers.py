@@ -1,0 +1,88 @@
+"""bench.loadgen parsers: Fortio's -json output and h2load's summary + --log-file, from recorded samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.loadgen import LoadError, parse_fortio_json, parse_h2load, percentile
+from bench.runner import compare
+
+SAMPLES = Path(__file__).resolve().parents[2] / "bench" / "samples"
+
+
+def test_fortio_sample() -> None:
+    result = parse_fortio_json(json.loads((SAMPLES / "fortio.json").read_text()))
+    assert result.p50_ms == pytest.approx(0.328)
+    assert result.p90_ms == pytest.approx(0.483)
+    assert result.p99_ms == pytest.approx(1.044)
+    assert result.rps == pytest.approx(499.93)
+    assert result.requests == 15000
+    assert result.errors == 6  # the 403s and 503s
+
+
+def test_fortio_without_needed_percentile() -> None:
+    data = json.loads((SAMPLES / "fortio.json").read_text())
+    data["DurationHistogram"]["Percentiles"] = [{"Percentile": 50, "Value": 0.001}]
+    with pytest.raises(LoadError, match="p90"):
+        parse_fortio_json(data)
+
+
+def test_h2load_sample() -> None:
+    stdout = (SAMPLES / "h2load-stdout.txt").read_text()
+    log = (SAMPLES / "h2load-log.tsv").read_text()
+    result = parse_h2load(stdout, log)
+    durations = sorted(int(line.split("\t")[2]) / 1000 for line in log.splitlines())
+    assert result.requests == 20
+    assert result.errors == 0
+    assert result.rps == pytest.approx(20.0)
+    assert result.p50_ms == percentile(durations, 50)
+    assert result.p99_ms == max(durations)
+    assert result.p50_ms <= result.p90_ms <= result.p99_ms
+
+
+def test_h2load_counts_errors_and_skips_failed_lines() -> None:
+    stdout = (
+        "finished in 2.00s, 500.00 req/s, 186.04KB/s\n"
+        "requests: 1000 total, 1000 started, 998 done, 990 succeeded, 10 failed, 2 errored, 0 timeout\n"
+        "status codes: 990 2xx, 0 3xx, 5 4xx, 3 5xx\n"
+    )
+    log = "1\t200\t1000\n2\t503\t3000\n3\t-1\t99999\n4\t200\t2000\n"
+    result = parse_h2load(stdout, log)
+    assert result.errors == 8 + 2  # non-2xx done + errored
+    assert result.p99_ms == 3.0  # the -1 (failed) line is not a latency sample
+    assert result.p50_ms == 2.0
+
+
+def test_h2load_garbage() -> None:
+    with pytest.raises(LoadError, match="unexpected h2load output"):
+        parse_h2load("connect refused", "")
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([], 50) == 0.0
+
+
+def test_compare_ratios() -> None:
+    def med(p50: float, p99: float, rps: float = 500.0) -> dict[str, float]:
+        return {"p50_ms": p50, "p90_ms": p50, "p99_ms": p99, "rps": rps, "errors": 0, "requests": 1}
+
+    scenarios = {
+        "passthrough": {"500": med(0.3, 1.0), "saturation": med(1, 1, 10000)},
+        "floor-http": {"500": med(0.5, 1.4), "saturation": med(1, 1, 8000)},
+        "extauthz-http": {"500": med(0.6, 1.8), "saturation": med(1, 1, 4000)},
+    }
+    transports = {"passthrough": "none", "floor-http": "http", "extauthz-http": "http"}
+    rows = compare(scenarios, transports)
+    assert rows["extauthz-http"]["500_added_p50_ms"] == pytest.approx(0.3)
+    assert rows["extauthz-http"]["500_x_floor_p50"] == pytest.approx(1.5)
+    assert rows["extauthz-http"]["500_x_floor_p99"] == pytest.approx(2.0)
+    assert rows["extauthz-http"]["saturation_x_floor"] == pytest.approx(0.5)
+    assert rows["floor-http"]["500_x_floor_p50"] == pytest.approx(1.0)
+    assert "saturation_x_floor" not in rows["passthrough"]

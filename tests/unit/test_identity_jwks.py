@@ -1,0 +1,297 @@
+"""JWKS caching against a real JWKS/OIDC server on loopback, with an injected monotonic clock."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import REGISTRY
+
+from extauthz.config import JwtIssuer
+from extauthz.identity.jwks import JwksCache, JwksFetchError, JwksRegistry, parse_jwks
+from meshgate.devservers.jwks_server import JwksServer
+from meshgate.devservers.signing import SigningKey, generate_ec_key, generate_rsa_key, public_jwk
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def key1() -> SigningKey:
+    return generate_rsa_key("k1")
+
+
+@pytest.fixture(scope="module")
+def key2() -> SigningKey:
+    return generate_rsa_key("k2")
+
+
+@pytest.fixture
+async def server(key1: SigningKey) -> AsyncIterator[JwksServer]:
+    async with JwksServer([key1]) as running:
+        yield running
+
+
+def issuer_for(server: JwksServer, **overrides: object) -> JwtIssuer:
+    fields: dict[str, object] = {
+        "issuer": server.issuer,
+        "jwks_uri": server.jwks_uri,
+        "min_refetch_interval_s": 10.0,
+        "fetch_timeout_s": 2.0,
+    }
+    fields.update(overrides)
+    return JwtIssuer(**fields)  # type: ignore[arg-type]
+
+
+def fetches_metric(issuer: str, result: str) -> float:
+    return REGISTRY.get_sample_value("meshgate_jwks_fetches_total", {"issuer": issuer, "result": result}) or 0.0
+
+
+async def test_start_fetches_keys_and_lookups_are_sync(server: JwksServer, key1: SigningKey) -> None:
+    cache = JwksCache(issuer_for(server), FakeClock())
+    assert cache.key_for("k1") is None
+    ok_before = fetches_metric(server.issuer, "ok")
+    await cache.start()
+    await cache.start()  # idempotent
+    try:
+        assert server.jwks_fetches == 1
+        found = cache.key_for("k1", "RS256")
+        assert found is not None
+        assert found.key_id == "k1"
+        assert cache.key_for("k1") is found
+        assert cache.key_for(None) is found  # the sole key serves tokens without kid
+        assert cache.key_for("nope") is None
+        assert cache.key_count == 1
+        assert cache.last_success == 1000.0
+        assert fetches_metric(server.issuer, "ok") == ok_before + 1
+        assert REGISTRY.get_sample_value("meshgate_jwks_keys", {"issuer": server.issuer}) == 1
+    finally:
+        await cache.close()
+
+
+async def test_discovery_finds_the_jwks_uri(server: JwksServer) -> None:
+    cache = JwksCache(issuer_for(server, jwks_uri="", discovery=True), FakeClock())
+    assert await cache.refresh()
+    assert (server.discovery_fetches, server.jwks_fetches) == (1, 1)
+    assert await cache.refresh()
+    assert server.discovery_fetches == 1  # remembered
+    server.fail()
+    assert not await cache.refresh()
+    server.recover()
+    assert await cache.refresh()
+    assert server.discovery_fetches == 2  # rediscovered after a failure
+    assert cache.key_for("k1") is not None
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (b'{"issuer": "https://elsewhere", "jwks_uri": "http://127.0.0.1:1/jwks.json"}', "different issuer"),
+        (b"[1, 2]", "not a JSON object"),
+        (b"not json", "not JSON"),
+    ],
+)
+async def test_bad_discovery_documents(
+    server: JwksServer, document: bytes, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.discovery_override = document
+    cache = JwksCache(issuer_for(server, jwks_uri="", discovery=True), FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert message in caplog.text
+    assert cache.key_count == 0
+
+
+async def test_discovery_without_jwks_uri(server: JwksServer, caplog: pytest.LogCaptureFixture) -> None:
+    server.discovery_override = f'{{"issuer": "{server.issuer}/"}}'.encode()
+    cache = JwksCache(issuer_for(server, jwks_uri="", discovery=True), FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert "no usable jwks_uri" in caplog.text
+
+
+async def test_failed_first_fetch_is_not_fatal_and_later_refresh_recovers(server: JwksServer) -> None:
+    server.down()
+    cache = JwksCache(issuer_for(server), FakeClock())
+    errors_before = fetches_metric(server.issuer, "error")
+    await cache.start()
+    try:
+        assert cache.key_count == 0
+        assert cache.failures == 1
+        assert fetches_metric(server.issuer, "error") == errors_before + 1
+        server.up()
+        assert await cache.refresh()
+        assert cache.key_for("k1") is not None
+    finally:
+        await cache.close()
+
+
+async def test_last_good_keys_survive_outages(server: JwksServer) -> None:
+    cache = JwksCache(issuer_for(server), FakeClock())
+    assert await cache.refresh()
+    server.fail()
+    assert not await cache.refresh()
+    server.recover()
+    server.down()
+    assert not await cache.refresh()
+    server.up()
+    server.jwks_override = b'{"keys": []}'
+    assert not await cache.refresh()
+    assert cache.failures == 3
+    assert cache.key_for("k1") is not None
+
+
+async def test_refetch_is_rate_limited(server: JwksServer, key1: SigningKey, key2: SigningKey) -> None:
+    clock = FakeClock()
+    cache = JwksCache(issuer_for(server), clock)
+    assert cache.can_refetch()
+    await cache.refresh()
+    server.rotate([key1, key2])
+    assert not cache.can_refetch()
+    await cache.refetch_for_unknown_kid()
+    assert server.jwks_fetches == 1
+    assert cache.key_for("k2") is None
+    clock.now += 10.0
+    assert cache.can_refetch()
+    await cache.refetch_for_unknown_kid()
+    assert server.jwks_fetches == 2
+    assert cache.key_for("k2") is not None
+
+
+async def test_concurrent_refetches_share_one_fetch(server: JwksServer) -> None:
+    cache = JwksCache(issuer_for(server), FakeClock())
+    server.delay_s = 0.05
+    await asyncio.gather(*(cache.refetch_for_unknown_kid() for _ in range(20)))
+    assert server.jwks_fetches == 1
+    assert cache.fetches == 1
+
+
+async def test_refresh_survives_a_cancelled_waiter(server: JwksServer) -> None:
+    cache = JwksCache(issuer_for(server), FakeClock())
+    server.delay_s = 0.05
+    impatient = asyncio.ensure_future(cache.refresh())
+    await asyncio.sleep(0)
+    patient = asyncio.ensure_future(cache.refresh())
+    await asyncio.sleep(0)
+    impatient.cancel()
+    assert await patient
+    assert cache.key_for("k1") is not None
+
+
+async def test_fetch_timeout_keeps_old_keys(server: JwksServer, caplog: pytest.LogCaptureFixture) -> None:
+    cache = JwksCache(issuer_for(server, fetch_timeout_s=0.1), FakeClock())
+    assert await cache.refresh()
+    server.delay_s = 5
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert "keeping 1 cached keys" in caplog.text
+    assert cache.key_for("k1") is not None
+
+
+async def test_oversized_document_is_refused(server: JwksServer, caplog: pytest.LogCaptureFixture) -> None:
+    server.jwks_override = b" " * (1024 * 1024 + 1)
+    cache = JwksCache(issuer_for(server), FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert "larger than" in caplog.text
+
+
+async def test_only_http_urls_are_fetched(caplog: pytest.LogCaptureFixture) -> None:
+    cache = JwksCache(JwtIssuer(issuer="x", jwks_uri="file:///etc/passwd"), FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert "unsupported URL scheme" in caplog.text
+
+
+async def test_background_refresh_picks_up_new_keys(server: JwksServer, key2: SigningKey) -> None:
+    cache = JwksCache(issuer_for(server, refresh_interval_s=0.02), FakeClock())
+    await cache.start()
+    try:
+        server.rotate([key2])
+        for _ in range(500):  # bounded wait for the background task
+            if cache.key_for("k2") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.key_for("k2") is not None
+        assert cache.key_for("k1") is None  # rotated out
+    finally:
+        await cache.close()
+    fetches = server.jwks_fetches
+    await asyncio.sleep(0.05)
+    assert server.jwks_fetches == fetches  # closed: no more fetches
+
+
+async def test_failures_retry_sooner_with_backoff(server: JwksServer) -> None:
+    cache = JwksCache(issuer_for(server, refresh_interval_s=300, min_refetch_interval_s=10), FakeClock())
+    assert cache._next_delay() == 300
+    server.down()
+    await cache.refresh()
+    assert cache._next_delay() == 10
+    await cache.refresh()
+    assert cache._next_delay() == 20
+    for _ in range(10):
+        await cache.refresh()
+    assert cache._next_delay() == 300
+
+
+def test_parse_jwks_skips_unusable_keys(key1: SigningKey, caplog: pytest.LogCaptureFixture) -> None:
+    ec = generate_ec_key("ec")
+    document = {
+        "keys": [
+            "not a key",
+            {**public_jwk(key1), "use": "enc"},
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+            {"kty": "RSA", "kid": "broken", "n": "AQAB"},
+            {"kty": "EC", "kid": "bad-curve", "crv": "P-0", "x": "AA", "y": "AA"},
+            public_jwk(key1, include_alg=False),
+            public_jwk(ec),
+        ]
+    }
+    with caplog.at_level(logging.WARNING):
+        keys = parse_jwks(document, ["RS256", "PS256", "ES256", "HS256"], "iss")
+    assert "broken" in caplog.text
+    assert "bad-curve" in caplog.text
+    assert set(keys.by_kid) == {"k1", "ec"}
+    assert keys.sole is None
+    assert keys.size == 2
+    rsa = keys.by_kid["k1"]
+    assert rsa.for_alg("PS256").algorithm_name == "PS256"  # a JWK without alg fits each allowed RSA algorithm
+    assert rsa.for_alg("RS256").algorithm_name == "RS256"
+    assert rsa.for_alg("ES256").algorithm_name == "RS256"  # unfit: pyjwt will reject the mismatch
+
+
+@pytest.mark.parametrize("document", [None, [], {"keys": "x"}, {"keys": []}, {"keys": [{"kty": "oct", "k": "x"}]}])
+def test_parse_jwks_rejects_documents_without_usable_keys(document: object) -> None:
+    with pytest.raises(JwksFetchError):
+        parse_jwks(document, ["RS256"])
+
+
+def test_key_without_kid_is_only_used_when_sole(key1: SigningKey) -> None:
+    jwk = public_jwk(key1)
+    del jwk["kid"]
+    keys = parse_jwks({"keys": [jwk]}, ["RS256"])
+    assert keys.by_kid == {}
+    assert keys.sole is not None
+    assert keys.size == 1
+
+
+async def test_registry_reuses_caches_across_reloads(server: JwksServer) -> None:
+    registry = JwksRegistry(FakeClock())
+    first = registry.get_or_create(issuer_for(server, audiences=("a",)))
+    assert registry.get_or_create(issuer_for(server, audiences=("b",), secret="x")) is first
+    changed = registry.get_or_create(issuer_for(server, refresh_interval_s=60))
+    assert changed is not first
+    assert registry.caches() == [first, changed]
+    await first.start()
+    await registry.retain([changed])
+    assert registry.caches() == [changed]
+    assert first._refresher is None  # closed
+    await changed.start()
+    await registry.close()
+    assert registry.caches() == []
+    assert changed._refresher is None

@@ -1,0 +1,116 @@
+"""SPIFFE identity from Envoy's source.principal or from x-forwarded-client-cert."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extauthz.config import SpiffeSettings
+from extauthz.identity.mtls import SpiffeProvider, principal_from_xfcc
+from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
+
+FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
+# What an Istio sidecar forwards (SANITIZE_SET): one element, the server's own ID in By=, the client's in URI=.
+ISTIO_XFCC = f'By=spiffe://cluster.local/ns/shop/sa/orders;Hash=a1b2c3;Subject="";URI={FRONTEND}'
+
+
+def inp(principal: str = "", xfcc: str | None = None) -> CheckInput:
+    headers = {} if xfcc is None else {"x-forwarded-client-cert": xfcc}
+    return CheckInput(method="GET", host="h", path="/", headers=headers, source_principal=principal)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (ISTIO_XFCC, FRONTEND),
+        (f'URI="{FRONTEND}"', FRONTEND),
+        (f"uri={FRONTEND}", FRONTEND),
+        # Several URI SANs: the first SPIFFE one.
+        (f"URI=https://example.com;URI={FRONTEND};URI=spiffe://x/y", FRONTEND),
+        # Quoted values may hold , ; and escaped quotes without splitting.
+        (f'Subject="CN=a,O=b;c \\"q\\"";URI={FRONTEND}', FRONTEND),
+        # Envoy appends per hop: the immediate client is the last element, not a client-forged first one.
+        (f"URI=spiffe://evil.example/ns/x/sa/admin,By=spiffe://a;URI={FRONTEND}", FRONTEND),
+        ("By=spiffe://cluster.local/ns/shop/sa/orders;Hash=abc", ""),
+        ("URI=https://not-spiffe", ""),
+        ("", ""),
+        ('URI="unterminated', ""),
+        ("garbage", ""),
+        ("URI=" + "spiffe://a/" + "b" * 70_000, ""),
+    ],
+)
+def test_principal_from_xfcc(value: str, expected: str) -> None:
+    assert principal_from_xfcc(value) == expected
+
+
+async def test_source_principal_becomes_identity() -> None:
+    provider = SpiffeProvider(SpiffeSettings())
+    await provider.start()
+    identity = provider.authenticate(inp(FRONTEND))
+    assert identity == Identity(kind=IdentityKind.SPIFFE, subject=FRONTEND, principal=FRONTEND, client="shop/frontend")
+    await provider.close()
+
+
+def test_source_principal_wins_over_xfcc() -> None:
+    provider = SpiffeProvider(SpiffeSettings())
+    other = "spiffe://cluster.local/ns/a/sa/b"
+    assert provider.authenticate(inp(other, ISTIO_XFCC)).principal == other  # type: ignore[union-attr]
+    assert provider.authenticate(inp("", ISTIO_XFCC)).principal == FRONTEND  # type: ignore[union-attr]
+
+
+def test_xfcc_can_be_turned_off() -> None:
+    provider = SpiffeProvider(SpiffeSettings(from_xfcc=False))
+    assert provider.authenticate(inp("", ISTIO_XFCC)) is None
+
+
+@pytest.mark.parametrize("principal", ["", "user@example.com", "cluster.local/ns/a/sa/b", "SPIFFE://x/y"])
+def test_no_spiffe_principal_is_none(principal: str) -> None:
+    assert SpiffeProvider(SpiffeSettings()).authenticate(inp(principal)) is None
+
+
+def test_spiffe_ids_of_other_shapes_have_no_client() -> None:
+    identity = SpiffeProvider(SpiffeSettings()).authenticate(inp("spiffe://example.org/workload/web"))
+    assert identity is not None
+    assert identity.client == ""
+    assert SpiffeProvider(SpiffeSettings()).authenticate(inp("spiffe://example.org")) is not None
+
+
+@pytest.mark.parametrize(
+    "principal",
+    ["spiffe://", "spiffe://UPPER.case/ns/a/sa/b", "spiffe://td/ns//sa/b", "spiffe://td/a b", "spiffe://td/x/"],
+)
+def test_malformed_spiffe_ids_are_rejected(principal: str) -> None:
+    with pytest.raises(AuthenticationError) as caught:
+        SpiffeProvider(SpiffeSettings()).authenticate(inp(principal))
+    assert caught.value.reason is Reason.INVALID_PRINCIPAL
+
+
+def test_trust_domains() -> None:
+    provider = SpiffeProvider(SpiffeSettings(trust_domains=("cluster.local",)))
+    assert provider.authenticate(inp(FRONTEND)) is not None
+    with pytest.raises(AuthenticationError) as caught:
+        provider.authenticate(inp("spiffe://evil.example/ns/shop/sa/frontend"))
+    assert caught.value.reason is Reason.INVALID_PRINCIPAL
+
+
+@settings(max_examples=400)
+@given(
+    xfcc=st.one_of(
+        st.text(max_size=200),
+        st.lists(st.sampled_from(["URI=", "spiffe://", "td", "/ns/", "/sa/", '"', "\\", ",", ";", "=", "x"])).map(
+            "".join
+        ),
+    ),
+    principal=st.one_of(st.text(max_size=100), st.text(max_size=50).map(lambda s: "spiffe://" + s)),
+)
+def test_fuzz(xfcc: str, principal: str) -> None:
+    provider = SpiffeProvider(SpiffeSettings(trust_domains=("td",)))
+    for request in (inp("", xfcc), inp(principal, xfcc)):
+        try:
+            result = provider.authenticate(request)
+        except AuthenticationError as error:
+            result = None
+            reason: Reason | None = error.reason
+        else:
+            reason = None
+        assert reason in (None, Reason.INVALID_PRINCIPAL)
+        assert result is None or result.kind is IdentityKind.SPIFFE
