@@ -16,7 +16,7 @@ from extauthz.audit import AuditObserver
 from extauthz.config import ExtauthzConfig
 from extauthz.config_loader import load_config
 from extauthz.grpc_adapter import add_to_server
-from extauthz.http_adapter import start_http_server
+from extauthz.http_adapter import start_http_listener
 from extauthz.identity.apikey import ApiKeyProvider, load_api_keys
 from extauthz.identity.base import IdentityProvider
 from extauthz.identity.jwks import JwksRegistry
@@ -120,6 +120,6 @@ async def build_extauthz(runtime: ServiceRuntime) -> None:
     runtime.on_stop(service.close)
     runtime.add_grpc_service(AUTHORIZATION_SERVICE, lambda server: add_to_server(server, service.pipeline))
     if settings.http_port >= 0:
-        runtime.add_server(
-            "http", lambda: start_http_server(settings.host, settings.http_port, service.pipeline)
+        runtime.add_listener(
+            "http", lambda: start_http_listener(settings.host, settings.http_port, service.pipeline)
         )

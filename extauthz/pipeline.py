@@ -107,9 +107,10 @@ class Pipeline:
         try:
             return self.decide(inp)
         except RefreshNeeded as needed:
-            return await self._check_after_refresh(inp, needed)
+            return await self.check_after_refresh(inp, needed)
 
-    async def _check_after_refresh(self, inp: CheckInput, needed: RefreshNeeded) -> Decision:
+    async def check_after_refresh(self, inp: CheckInput, needed: RefreshNeeded) -> Decision:
+        """Finish a ``decide`` that raised ``RefreshNeeded``: await the refresh, then decide once more."""
         started = self._clock()
         try:
             async with asyncio.timeout(self.deadline_s):

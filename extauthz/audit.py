@@ -1,0 +1,93 @@
+"""Audit log and decision metrics: the pipeline's ``DecisionObserver``.
+
+Every deny is logged; allows are sampled (``allow_sample_rate``) so the hot path stays free of logging. Only
+request-shape facts are written: never tokens, keys, cookies or query strings (``CheckInput.path`` has no query).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from extauthz.config import AuditSettings
+from extauthz.model import CheckInput, Decision, IdentityKind
+from meshgate.log import get_audit_logger
+
+DECISIONS = Counter(
+    "meshgate_extauthz_decisions",
+    "Authorization decisions by result and reason code",
+    ("result", "reason"),
+)
+CHECK_DURATION = Histogram(
+    "meshgate_extauthz_check_duration_seconds",
+    "Time to decide one check (identity, policy, response), excluding the transport",
+    buckets=(
+        0.00001,
+        0.000025,
+        0.00005,
+        0.0001,
+        0.00025,
+        0.0005,
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+    ),
+)
+
+_audit = get_audit_logger()
+
+
+def _subject(decision: Decision) -> tuple[str, str]:
+    identity = decision.identity
+    if identity is None:
+        return "", ""
+    if identity.kind is IdentityKind.API_KEY:
+        return identity.kind.value, identity.client or identity.subject
+    if identity.kind is IdentityKind.SPIFFE:
+        return identity.kind.value, identity.principal or identity.subject
+    return identity.kind.value, identity.subject
+
+
+def audit_entry(inp: CheckInput, decision: Decision, elapsed_s: float) -> dict[str, Any]:
+    """The audit record's fields (the logger adds ``time``)."""
+    kind, subject = _subject(decision)
+    return {
+        "request_id": decision.request_id or inp.request_id,
+        "identity_kind": kind,
+        "subject": subject,
+        "method": inp.method,
+        "host": inp.host,
+        "path": inp.path,
+        "decision": "allow" if decision.allowed else "deny",
+        "status": decision.status,
+        "reason": decision.reason.value,
+        "rule": decision.rule,
+        "latency_us": round(elapsed_s * 1_000_000),
+    }
+
+
+class AuditObserver:
+    def __init__(self, settings: AuditSettings, rng: Callable[[], float] = random.random) -> None:
+        self._sample_rate = settings.allow_sample_rate
+        self._rng = rng
+        # Children resolved once per (result, reason): the request path only looks them up.
+        self._counters: dict[tuple[bool, str], Any] = {}
+
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None:
+        key = (decision.allowed, decision.reason.value)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason.value)
+            self._counters[key] = counter
+        counter.inc()
+        CHECK_DURATION.observe(elapsed_s)
+        if decision.allowed and (self._sample_rate <= 0 or self._rng() >= self._sample_rate):
+            return
+        _audit.info("decision", extra=audit_entry(inp, decision, elapsed_s))

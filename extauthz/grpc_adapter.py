@@ -1,0 +1,143 @@
+"""Thin ``Authorization/Check`` adapter: CheckRequest -> CheckInput -> Decision -> CheckResponse.
+
+The only module that knows the protobuf shapes. ``Check`` never raises: any failure is a fail-closed denial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from extauthz.model import CheckInput, Decision, Reason
+from extauthz.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+# google.rpc.Code values Envoy sees; it only distinguishes OK from not OK, the HTTP status travels separately.
+OK = 0
+PERMISSION_DENIED = 7
+UNAVAILABLE = 14
+UNAUTHENTICATED = 16
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OK_STATUS = status_pb2.Status(code=OK)
+_STATUS_BY_CODE = {code: status_pb2.Status(code=code) for code in (PERMISSION_DENIED, UNAVAILABLE, UNAUTHENTICATED)}
+
+
+def grpc_code_for(http_status: int) -> int:
+    if http_status == 401:
+        return UNAUTHENTICATED
+    if http_status >= 500:
+        return UNAVAILABLE
+    return PERMISSION_DENIED
+
+
+def _static_denial() -> external_auth_pb2.CheckResponse:
+    """The answer when even the fail-closed path failed: 500, JSON body, no request-specific data."""
+    body = json.dumps({"error": {"code": Reason.INTERNAL_ERROR.value, "message": "internal error"}})
+    return external_auth_pb2.CheckResponse(
+        status=_STATUS_BY_CODE[UNAVAILABLE],
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=500),
+            headers=[_header("content-type", "application/json")],
+            body=body,
+        ),
+    )
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+def to_check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
+    attributes = request.attributes
+    http = attributes.request.http
+    headers: dict[str, str] = dict(http.headers)
+    if not headers and len(http.header_map.headers):
+        # Newer Envoy fills header_map (raw values) instead; repeated names are joined like Envoy does.
+        for entry in http.header_map.headers:
+            key = entry.key.lower()
+            value = entry.value or entry.raw_value.decode("utf-8", "replace")
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    path = http.path or headers.get(":path", "/")
+    cut = path.find("?")
+    if cut >= 0:
+        path, query = path[:cut], path[cut + 1 :]
+    else:
+        query = http.query
+    return CheckInput(
+        method=http.method or headers.get(":method", ""),
+        host=http.host or headers.get(":authority", ""),
+        path=path,
+        query=query,
+        headers=headers,
+        source_principal=attributes.source.principal,
+        request_id=headers.get("x-request-id") or http.id,
+        context_extensions=dict(attributes.context_extensions),
+    )
+
+
+def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
+    if decision.allowed:
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=[_header(name, value) for name, value in decision.headers_to_set],
+            headers_to_remove=decision.headers_to_remove,
+        )
+        answer = external_auth_pb2.CheckResponse(status=_OK_STATUS, ok_response=ok)
+        if decision.metadata:
+            metadata = struct_pb2.Struct()
+            metadata.update(decision.metadata)
+            answer.dynamic_metadata.CopyFrom(metadata)
+        return answer
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=decision.status),
+        headers=[_header(name, value) for name, value in decision.response_headers],
+        body=decision.body.decode("utf-8", "replace"),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=_STATUS_BY_CODE[grpc_code_for(decision.status)], denied_response=denied
+    )
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
+        self._get_pipeline = get_pipeline
+        self._static_denial = _static_denial()
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        try:
+            pipeline = self._get_pipeline()
+        except Exception:
+            log.exception("no pipeline to answer Check; denying")
+            return self._static_denial
+        try:
+            inp = to_check_input(request)
+        except Exception:
+            log.exception("could not read CheckRequest; denying")
+            return self._static_denial
+        try:
+            return to_check_response(await pipeline.check(inp))
+        except Exception:
+            log.exception("Check failed; denying")
+            try:
+                return to_check_response(pipeline.fail_closed(inp, Reason.INTERNAL_ERROR, "internal error"))
+            except Exception:
+                return self._static_denial
+
+
+def add_to_server(server: grpc.aio.Server, get_pipeline: Callable[[], Pipeline]) -> AuthorizationServicer:
+    servicer = AuthorizationServicer(get_pipeline)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    return servicer

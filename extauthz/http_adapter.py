@@ -1,0 +1,440 @@
+"""Envoy's HTTP ext_authz mode (also nginx ``auth_request`` / Traefik ForwardAuth) on a raw asyncio protocol.
+
+The low-latency transport: httptools parses, ``Pipeline.decide`` answers synchronously inside the parser
+callback and the response bytes go out in the same tick. Only a ``RefreshNeeded`` (unknown JWT key) costs a
+task. Responses keep request order per connection (HTTP/1.1 pipelining).
+
+Allow: 200 with the identity headers, ``x-envoy-auth-headers-to-remove`` and flat ``x-meshgate-md-<key>``
+headers (Envoy's ``dynamic_metadata_from_headers``). Deny: the decision's status, headers and JSON body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+from extauthz.identity.base import RefreshNeeded
+from extauthz.model import CheckInput, Decision, Reason
+from extauthz.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+METADATA_HEADER_PREFIX = "x-meshgate-md-"
+HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+LINGER_S = 2.0  # after answering and half-closing, how long to wait for the peer to close
+
+_ALLOW_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
+_CLOSE = b"connection: close\r\n"
+_CRLF = b"\r\n"
+_SEP = b": "
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+
+
+_STATUS_LINES = {status.value: _status_line(status.value) for status in HTTPStatus}
+
+
+def _error_response(status: int, code: str, message: str) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+    return (
+        _STATUS_LINES[status]
+        + b"content-type: application/json\r\n"
+        + b"content-length: %d\r\n" % len(body)
+        + _CLOSE
+        + _CRLF
+        + body
+    )
+
+
+_BAD_REQUEST = _error_response(400, "bad_request", "malformed HTTP request")
+_HEADERS_TOO_LARGE = _error_response(431, "headers_too_large", "request headers too large")
+_BODY_TOO_LARGE = _error_response(413, "body_too_large", "request body too large")
+_INTERNAL_ERROR = _error_response(500, Reason.INTERNAL_ERROR.value, "internal error")
+
+
+def _clean(value: str) -> bytes:
+    """Header-safe bytes: control characters dropped so no value (e.g. a JWT ``sub``) can split a header."""
+    if value.isascii() and value.isprintable():
+        return value.encode("ascii")
+    return "".join(ch for ch in value if ch >= " " and ch != "\x7f").encode("utf-8")
+
+
+def encode_decision(decision: Decision, *, head: bool = False, close: bool = False) -> bytes:
+    """The HTTP answer for ``decision``. ``head``: no body (the request was HEAD); ``close``: say so."""
+    parts: list[bytes]
+    if decision.allowed:
+        parts = [_ALLOW_HEAD]
+        for name, value in decision.headers_to_set:
+            parts += (name.encode("ascii", "ignore"), _SEP, _clean(value), _CRLF)
+        if decision.headers_to_remove:
+            parts += (
+                b"x-envoy-auth-headers-to-remove: ",
+                _clean(",".join(decision.headers_to_remove)),
+                _CRLF,
+            )
+        for key, value in decision.metadata.items():
+            parts += (b"x-meshgate-md-", _clean(key), _SEP, _clean(value), _CRLF)
+        body = b""
+    else:
+        status_line = _STATUS_LINES.get(decision.status) or _status_line(decision.status)
+        body = decision.body
+        parts = [status_line, b"content-length: %d\r\n" % len(body)]
+        for name, value in decision.response_headers:
+            parts += (name.encode("ascii", "ignore"), _SEP, _clean(value), _CRLF)
+    if close:
+        parts.append(_CLOSE)
+    parts.append(_CRLF)
+    if body and not head:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class _Context:
+    """What every connection of one server shares: settings, and the live connections for a graceful stop."""
+
+    def __init__(
+        self,
+        get_pipeline: Callable[[], Pipeline],
+        path_prefix: str,
+        forward_auth_path: str,
+        max_header_bytes: int,
+        max_body_bytes: int,
+    ) -> None:
+        self.get_pipeline = get_pipeline
+        self.path_prefix = path_prefix.rstrip("/")
+        self.forward_auth_path = forward_auth_path
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.all_closed = asyncio.Event()
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# A response slot: finished bytes, or a task still deciding; plus whether to close after writing it.
+_Slot = list[object]
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, ctx: _Context) -> None:
+        self._ctx = ctx
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url: list[bytes] = []
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._in_message = False
+        self._headers_complete = False
+        self._pending: deque[_Slot] = deque()
+        self._closing = False  # stop reading: a broken request was answered, close after the answers owed
+        self._draining = False  # server stopping: close once idle
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but it has the same interface.
+        self._transport = cast(asyncio.Transport, transport)
+        self._ctx.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._linger is not None:
+            self._linger.cancel()
+        for slot in self._pending:
+            if isinstance(slot[0], asyncio.Task):
+                slot[0].cancel()
+        self._pending.clear()
+        self._ctx.connections.discard(self)
+        if not self._ctx.connections:
+            self._ctx.all_closed.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._in_message and not self._headers_complete:
+            # A single header line is buffered by the parser until it ends: bound that too.
+            self._header_bytes += len(data)
+            if self._header_bytes > self._ctx.max_header_bytes:
+                self._fail(_HEADERS_TOO_LARGE)
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._finish_after_pending()  # upgrades are not ours to serve; answer what was asked, then close
+        except httptools.HttpParserCallbackError as error:
+            if isinstance(error.__context__, _HeadersTooLarge):
+                self._fail(_HEADERS_TOO_LARGE)
+            elif isinstance(error.__context__, _BodyTooLarge):
+                self._fail(_BODY_TOO_LARGE)
+            else:
+                log.error("HTTP ext_authz callback failed", exc_info=error.__context__)
+                self._fail(_INTERNAL_ERROR)
+        except Exception:
+            self._fail(_BAD_REQUEST)
+
+    def eof_received(self) -> bool:
+        """The peer stopped sending: close once the answers still owed are written."""
+        if self._pending:
+            self._draining = True
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._url = []
+        self._headers = {}
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._headers_complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._header_bytes += len(url)
+        if self._header_bytes > self._ctx.max_header_bytes:
+            raise _HeadersTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._ctx.max_header_bytes:
+            raise _HeadersTooLarge
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self._headers
+        headers[key] = f"{headers[key]},{text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        self._headers_complete = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)  # read and ignored; Envoy sends none unless with_request_body
+        if self._body_bytes > self._ctx.max_body_bytes:
+            raise _BodyTooLarge
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        keep_alive = self._parser.should_keep_alive()
+        method = self._parser.get_method().decode("ascii", "replace")
+        head = method == "HEAD"
+        close = not keep_alive or self._ctx.closing
+        try:
+            pipeline = self._ctx.get_pipeline()
+        except Exception:
+            log.exception("no pipeline to answer; denying")
+            self._respond(_INTERNAL_ERROR, close=True)
+            return
+        try:
+            inp = self._to_input(method)
+        except Exception:
+            self._respond(_BAD_REQUEST, close=True)
+            return
+        try:
+            decision = pipeline.decide(inp)
+        except RefreshNeeded as needed:
+            task = asyncio.get_running_loop().create_task(pipeline.check_after_refresh(inp, needed))
+            slot: _Slot = [task, close, head]
+            self._pending.append(slot)
+            task.add_done_callback(self._task_done)
+            return
+        except Exception:
+            log.exception("decide failed; denying")
+            decision = pipeline.fail_closed(inp, Reason.INTERNAL_ERROR, "internal error")
+        self._respond(encode_decision(decision, head=head, close=close), close=close)
+
+    # -- request -> CheckInput -------------------------------------------------------------------------------
+    def _to_input(self, method: str) -> CheckInput:
+        url = b"".join(self._url)
+        headers = self._headers
+        if url.startswith(b"http://") or url.startswith(b"https://"):
+            parsed = httptools.parse_url(url)  # absolute-form request target
+            url = parsed.path or b"/"
+            if parsed.query:
+                url += b"?" + parsed.query
+        raw = url.decode("latin-1")
+        path, _, query = raw.partition("?")
+        host = headers.get("host", "")
+        ctx = self._ctx
+        if path == ctx.forward_auth_path and "x-forwarded-uri" in headers and "x-forwarded-method" in headers:
+            path, _, query = headers["x-forwarded-uri"].partition("?")
+            method = headers["x-forwarded-method"].upper()
+            host = headers.get("x-forwarded-host", host)
+        elif ctx.path_prefix and path.startswith(ctx.path_prefix):
+            rest = path[len(ctx.path_prefix) :]
+            if not rest or rest[0] == "/":
+                path = rest or "/"
+        return CheckInput(
+            method=method,
+            host=host,
+            path=path or "/",
+            query=query,
+            headers=headers,
+            request_id=headers.get("x-request-id", ""),
+        )
+
+    # -- responses in request order --------------------------------------------------------------------------
+    def _respond(self, payload: bytes, *, close: bool) -> None:
+        if self._pending:
+            self._pending.append([payload, close, False])
+            return
+        self._write(payload, close)
+
+    def _task_done(self, _task: asyncio.Task[Decision]) -> None:
+        while self._pending:
+            slot = self._pending[0]
+            item, close, head = slot
+            if isinstance(item, asyncio.Task):
+                if not item.done():
+                    return
+                close = bool(close) or self._ctx.closing
+                try:
+                    payload = encode_decision(item.result(), head=bool(head), close=close)
+                except BaseException:  # Pipeline.check never raises; a cancelled task means the peer left
+                    payload = _INTERNAL_ERROR
+                    close = True
+            else:
+                assert isinstance(item, bytes)
+                payload = item
+            self._pending.popleft()
+            self._write(payload, bool(close))
+            if self._transport is None:
+                return
+
+    def _write(self, payload: bytes, close: bool) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        transport.write(payload)
+        if close or (self._draining and not self._pending and not self._in_message):
+            self._close_gracefully()
+
+    def _close_gracefully(self) -> None:
+        """Half-close, then read and discard until the peer closes (or ``LINGER_S``).
+
+        Closing with unread input makes the kernel send a reset, which can destroy the answer the peer has not
+        read yet (a 400/431 sent while the client is still writing).
+        """
+        transport = self._transport
+        if transport is None or self._linger is not None:
+            return
+        self._closing = True
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
+        else:  # pragma: no cover - TCP transports can half-close
+            transport.close()
+
+    def _fail(self, payload: bytes) -> None:
+        """Answer a broken request after the earlier ones, then close; later input is discarded."""
+        self._in_message = False
+        self._respond(payload, close=True)
+        self._closing = True
+
+    def _finish_after_pending(self) -> None:
+        self._closing = True
+        if not self._pending:
+            self._close_gracefully()
+
+    def shutdown(self) -> None:
+        """Graceful stop: close now when idle, else after the answers owed."""
+        if not self._pending and not self._in_message:
+            self._close_gracefully()
+        else:
+            self._draining = True
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class HttpListener:
+    """The HTTP ext_authz server as ``meshgate.runtime`` sees it: a port and a graceful ``stop``."""
+
+    def __init__(self, server: asyncio.Server, ctx: _Context) -> None:
+        self.server = server
+        self._ctx = ctx
+        self.port = int(server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace_s: float) -> None:
+        self.server.close()
+        ctx = self._ctx
+        ctx.closing = True
+        for connection in list(ctx.connections):
+            connection.shutdown()
+        if ctx.connections:
+            ctx.all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.all_closed.wait(), grace_s)
+        for connection in list(ctx.connections):
+            connection.abort()
+        await self.server.wait_closed()
+
+
+async def start_http_listener(
+    host: str,
+    port: int,
+    get_pipeline: Callable[[], Pipeline],
+    *,
+    path_prefix: str = "",
+    forward_auth_path: str = "/forward-auth",
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> HttpListener:
+    ctx = _Context(get_pipeline, path_prefix, forward_auth_path, max_header_bytes, max_body_bytes)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _Connection(ctx), host, port, reuse_address=True)
+    return HttpListener(server, ctx)
+
+
+async def start_http_server(
+    host: str,
+    port: int,
+    get_pipeline: Callable[[], Pipeline],
+    *,
+    path_prefix: str = "",
+    forward_auth_path: str = "/forward-auth",
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> asyncio.Server:
+    """Serve on ``host:port`` (0 = a free port). Prefer ``start_http_listener`` for a graceful stop."""
+    listener = await start_http_listener(
+        host,
+        port,
+        get_pipeline,
+        path_prefix=path_prefix,
+        forward_auth_path=forward_auth_path,
+        max_header_bytes=max_header_bytes,
+        max_body_bytes=max_body_bytes,
+    )
+    return listener.server

@@ -1,0 +1,366 @@
+"""The HTTP ext_authz adapter over real sockets: allow/deny, keep-alive, pipelining, bad input, limits, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from extauthz.config import ResponseSettings
+from extauthz.http_adapter import HttpListener, encode_decision, start_http_listener, start_http_server
+from extauthz.model import CheckInput, Decision, Identity, IdentityKind, Reason
+from extauthz.pipeline import Pipeline
+from tests.unit.test_grpc_adapter import FakePolicy, FakeProvider
+
+
+class GatedProvider(FakeProvider):
+    """``refresh`` waits for the test to open the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def _refresh(self) -> None:
+        await self.gate.wait()
+        self.refreshed = True
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> dict[str, dict[str, str]]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> Response:
+    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = raw.decode("utf-8").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    body = b"" if head else await asyncio.wait_for(reader.readexactly(length), 10)
+    return Response(status, headers, body)
+
+
+def request(path: str = "/x", *, method: str = "GET", extra: str = "", host: str = "api.example") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+class Harness:
+    def __init__(self, listener: HttpListener, provider: GatedProvider) -> None:
+        self.listener = listener
+        self.provider = provider
+        self.pipeline: Pipeline = Pipeline([provider], FakePolicy(), ResponseSettings())
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.listener.port)
+
+    async def exchange(self, payload: bytes, *, head: bool = False) -> Response:
+        reader, writer = await self.connect()
+        writer.write(payload)
+        try:
+            return await read_response(reader, head=head)
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    provider = GatedProvider()
+    holder: dict[str, Harness] = {}
+    listener = await start_http_listener(
+        "127.0.0.1", 0, lambda: holder["h"].pipeline, path_prefix="/authz/", max_body_bytes=1024
+    )
+    holder["h"] = Harness(listener, provider)
+    yield holder["h"]
+    await listener.stop(1.0)
+
+
+async def test_allow_answers_identity_headers_and_metadata(harness: Harness) -> None:
+    answer = await harness.exchange(
+        request("/x?token=t", extra="Authorization: Bearer good-alice\r\nX-Request-Id: r-1\r\n")
+    )
+    assert answer.status == 200
+    assert answer.headers["content-length"] == "0"
+    assert answer.headers["x-auth-subject"] == "alice"
+    assert answer.headers["x-auth-tier"] == "gold"
+    assert "authorization" in answer.headers["x-envoy-auth-headers-to-remove"].split(",")
+    assert answer.headers["x-meshgate-md-sub"] == "alice"
+    assert answer.headers["x-meshgate-md-tier"] == "gold"
+    seen = harness.provider.seen[-1]
+    assert (seen.method, seen.host, seen.path, seen.query) == ("GET", "api.example", "/x", "token=t")
+    assert seen.request_id == "r-1"
+
+
+async def test_deny_answers_status_headers_and_json_body(harness: Harness) -> None:
+    answer = await harness.exchange(request(extra="X-Request-Id: r-2\r\n"))
+    assert answer.status == 401
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["x-meshgate-reason"] == "missing_credential"
+    assert answer.headers["www-authenticate"].startswith("Bearer realm=")
+    assert answer.json()["error"]["request_id"] == "r-2"
+    forbidden = await harness.exchange(request("/admin", extra="Authorization: Bearer good-bob\r\n"))
+    assert forbidden.status == 403
+    assert forbidden.json()["error"]["code"] == "forbidden"
+
+
+async def test_head_denial_has_no_body(harness: Harness) -> None:
+    reader, writer = await harness.connect()
+    writer.write(request(method="HEAD") + request("/public"))
+    denied = await read_response(reader, head=True)
+    assert denied.status == 401
+    assert int(denied.headers["content-length"]) > 0
+    assert (await read_response(reader)).status == 200  # the next answer starts right after the head
+    writer.close()
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(harness: Harness) -> None:
+    reader, writer = await harness.connect()
+    for index in range(5):
+        writer.write(request(f"/public?i={index}"))
+        answer = await read_response(reader)
+        assert answer.status == 200
+        assert "connection" not in answer.headers
+    writer.close()
+    assert len(harness.provider.seen) == 5
+
+
+async def test_pipelined_answers_keep_request_order_across_refresh(harness: Harness) -> None:
+    reader, writer = await harness.connect()
+    writer.write(
+        request("/a", extra="Authorization: Bearer refresh\r\n")
+        + request("/b", extra="Authorization: Bearer good-carol\r\n")
+        + request("/c")
+        + b"garbage\r\n\r\n"
+    )
+    await asyncio.sleep(0)
+    harness.provider.gate.set()
+    first, second, third, fourth = [await read_response(reader) for _ in range(4)]
+    assert (first.status, first.headers["x-auth-subject"]) == (200, "refresh")
+    assert (second.status, second.headers["x-auth-subject"]) == (200, "carol")
+    assert third.status == 401
+    assert fourth.status == 400
+    assert fourth.headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_malformed_request_gets_400_and_close(harness: Harness) -> None:
+    for payload in (b"garbage\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n"):
+        reader, writer = await harness.connect()
+        writer.write(payload)
+        answer = await read_response(reader)
+        assert answer.status == 400
+        assert answer.json()["error"]["code"] == "bad_request"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+
+async def test_huge_headers_get_431(harness: Harness) -> None:
+    many = "".join(f"X-H{i}: {'v' * 100}\r\n" for i in range(700))
+    answer = await harness.exchange(request(extra=many))
+    assert answer.status == 431
+    # One header line that never ends, sent in pieces: bounded as well.
+    reader, writer = await harness.connect()
+    writer.write(b"GET / HTTP/1.1\r\nX-Long: ")
+    answering = asyncio.create_task(read_response(reader))
+    for _ in range(100):  # bounded; stop sending once the server answered
+        if answering.done():
+            break
+        writer.write(b"v" * 8192)
+        await writer.drain()
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert (await answering).status == 431
+    writer.close()
+    long_url = await harness.exchange(request("/" + "a" * 70_000))
+    assert long_url.status == 431
+
+
+async def test_body_is_ignored_but_bounded(harness: Harness) -> None:
+    small = await harness.exchange(request("/public", method="POST", extra="Content-Length: 5\r\n") + b"hello")
+    assert small.status == 200
+    big = await harness.exchange(request("/public", method="POST", extra="Content-Length: 4096\r\n") + b"x" * 4096)
+    assert big.status == 413
+
+
+async def test_connection_close_and_http10_close_after_answer(harness: Harness) -> None:
+    for payload in (request("/public", extra="Connection: close\r\n"), b"GET /public HTTP/1.0\r\n\r\n"):
+        reader, writer = await harness.connect()
+        writer.write(payload)
+        answer = await read_response(reader)
+        assert answer.status == 200
+        assert answer.headers["connection"] == "close"
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+
+async def test_path_prefix_is_stripped(harness: Harness) -> None:
+    await harness.exchange(request("/authz/admin?x=1", extra="Authorization: Bearer good-a-admin\r\n"))
+    assert (harness.provider.seen[-1].path, harness.provider.seen[-1].query) == ("/admin", "x=1")
+    await harness.exchange(request("/authz", extra="Authorization: Bearer good-a\r\n"))
+    assert harness.provider.seen[-1].path == "/"
+    await harness.exchange(request("/authzother", extra="Authorization: Bearer good-a\r\n"))
+    assert harness.provider.seen[-1].path == "/authzother"
+
+
+async def test_forward_auth_takes_the_original_request(harness: Harness) -> None:
+    answer = await harness.exchange(
+        request(
+            "/forward-auth",
+            extra=(
+                "X-Forwarded-Method: post\r\nX-Forwarded-Uri: /admin/x?y=2\r\n"
+                "X-Forwarded-Host: shop.example\r\nAuthorization: Bearer good-dan\r\n"
+            ),
+        )
+    )
+    assert answer.status == 403
+    seen = harness.provider.seen[-1]
+    assert (seen.method, seen.host, seen.path, seen.query) == ("POST", "shop.example", "/admin/x", "y=2")
+    # Without the forwarded headers the path is taken as is.
+    await harness.exchange(request("/forward-auth"))
+    assert harness.provider.seen[-1].path == "/forward-auth"
+
+
+async def test_absolute_form_and_xfcc_are_kept(harness: Harness) -> None:
+    xfcc = "By=spiffe://td/ns/a/sa/srv;URI=spiffe://td/ns/b/sa/cli"
+    await harness.exchange(request("http://api.example/p?q=1", extra=f"X-Forwarded-Client-Cert: {xfcc}\r\n"))
+    seen = harness.provider.seen[-1]
+    assert (seen.path, seen.query) == ("/p", "q=1")
+    assert seen.headers["x-forwarded-client-cert"] == xfcc
+    assert seen.source_principal == ""
+
+
+async def test_identity_values_cannot_split_headers(harness: Harness) -> None:
+    answer = await harness.exchange(request(extra="Authorization: Bearer good-eve\tx-evil: 1\r\n"))
+    assert answer.status == 200
+    assert "x-evil" not in answer.headers
+    assert answer.headers["x-auth-subject"] == "evex-evil: 1"
+
+
+async def test_upgrade_is_answered_then_closed(harness: Harness) -> None:
+    reader, writer = await harness.connect()
+    writer.write(request("/public", extra="Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+    assert (await read_response(reader)).status == 200
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_broken_pipeline_fails_closed(harness: Harness) -> None:
+    class Broken(Pipeline):
+        def decide(self, inp: CheckInput) -> Decision:
+            raise RuntimeError("bug")
+
+    harness.pipeline = Broken([harness.provider], FakePolicy(), ResponseSettings())
+    answer = await harness.exchange(request())
+    assert answer.status == 500
+    assert answer.json()["error"]["code"] == "internal_error"
+
+
+async def test_missing_pipeline_answers_500_and_closes() -> None:
+    def no_pipeline() -> Pipeline:
+        raise LookupError("not loaded")
+
+    server = await start_http_server("127.0.0.1", 0, no_pipeline)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(request())
+        assert (await read_response(reader)).status == 500
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_graceful_stop_finishes_in_flight_and_closes_idle() -> None:
+    provider = GatedProvider()
+    pipeline = Pipeline([provider], FakePolicy(), ResponseSettings())
+    listener = await start_http_listener("127.0.0.1", 0, lambda: pipeline)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    idle_writer.write(request("/public"))
+    assert (await read_response(idle_reader)).status == 200
+    busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+    busy_writer.write(request(extra="Authorization: Bearer refresh\r\n"))
+    for _ in range(100):  # bounded: until the request reached the refresh
+        if len(provider.seen) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(listener.stop(10.0))
+    assert await asyncio.wait_for(idle_reader.read(), 10) == b""
+    idle_writer.close()
+    provider.gate.set()
+    answer = await read_response(busy_reader)
+    assert answer.status == 200
+    assert answer.headers["connection"] == "close"
+    assert await asyncio.wait_for(busy_reader.read(), 10) == b""
+    busy_writer.close()
+    await asyncio.wait_for(stopping, 10)
+    assert not listener.server.is_serving()
+
+
+def test_encode_decision_allow_and_unknown_status() -> None:
+    identity = Identity(kind=IdentityKind.JWT, subject="ü")
+    allow = encode_decision(
+        Decision(
+            allowed=True,
+            status=200,
+            reason=Reason.ALLOWED,
+            identity=identity,
+            headers_to_set=(("x-auth-subject", "ü\r\n"),),
+            metadata={"sub": "ü"},
+        ),
+        close=True,
+    )
+    assert allow.startswith(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n")
+    assert b"x-auth-subject: \xc3\xbc\r\n" in allow
+    assert b"x-meshgate-md-sub: \xc3\xbc\r\n" in allow
+    assert allow.endswith(b"connection: close\r\n\r\n")
+    odd = encode_decision(Decision(allowed=False, status=599, reason=Reason.TIMEOUT, body=b"{}"))
+    assert odd.startswith(b"HTTP/1.1 599 Unknown\r\ncontent-length: 2\r\n")
+    assert odd.endswith(b"\r\n\r\n{}")
+
+
+async def test_half_closed_peer_still_gets_the_answer_owed(harness: Harness) -> None:
+    reader, writer = await harness.connect()
+    writer.write(request(extra="Authorization: Bearer refresh\r\n"))
+    writer.write_eof()
+    for _ in range(100):  # bounded: until the server saw the request
+        if harness.provider.seen:
+            break
+        await asyncio.sleep(0.01)
+    harness.provider.gate.set()
+    assert (await read_response(reader)).status == 200
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_peer_leaving_mid_refresh_does_not_break_the_server(harness: Harness) -> None:
+    _reader, writer = await harness.connect()
+    writer.write(request(extra="Authorization: Bearer refresh\r\n"))
+    for _ in range(100):
+        if harness.provider.seen:
+            break
+        await asyncio.sleep(0.01)
+    writer.transport.abort()
+    harness.provider.gate.set()
+    answer = await harness.exchange(request("/public"))
+    assert answer.status == 200
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test here runs on both loops: production serves on uvloop, whose transports differ."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
