@@ -10,8 +10,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshgate.reload import ConfigWatcher
-
 from extauthz.audit import AuditObserver
 from extauthz.config import ExtauthzConfig
 from extauthz.config_loader import load_config
@@ -25,6 +23,7 @@ from extauthz.identity.mtls import SpiffeProvider
 from extauthz.model import IdentityKind
 from extauthz.pipeline import DecisionObserver, Pipeline
 from extauthz.policy import compile_policy
+from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,7 @@ def watched_files(path: Path, pipeline: Pipeline | None) -> Sequence[Path]:
     files = [path]
     if pipeline is not None:
         files.extend(
-            Path(provider.settings.keys_file)
-            for provider in pipeline.providers
-            if isinstance(provider, ApiKeyProvider)
+            Path(provider.settings.keys_file) for provider in pipeline.providers if isinstance(provider, ApiKeyProvider)
         )
     return files
 
@@ -120,6 +117,4 @@ async def build_extauthz(runtime: ServiceRuntime) -> None:
     runtime.on_stop(service.close)
     runtime.add_grpc_service(AUTHORIZATION_SERVICE, lambda server: add_to_server(server, service.pipeline))
     if settings.http_port >= 0:
-        runtime.add_listener(
-            "http", lambda: start_http_listener(settings.host, settings.http_port, service.pipeline)
-        )
+        runtime.add_listener("http", lambda: start_http_listener(settings.host, settings.http_port, service.pipeline))

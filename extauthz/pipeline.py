@@ -85,9 +85,7 @@ class Pipeline:
         )
 
     def fail_closed(self, inp: CheckInput, reason: Reason, message: str) -> Decision:
-        return response.deny(
-            inp, 503 if reason is Reason.TIMEOUT else 500, reason, message, self.response_settings
-        )
+        return response.deny(inp, 503 if reason is Reason.TIMEOUT else 500, reason, message, self.response_settings)
 
     def decide(self, inp: CheckInput) -> Decision:
         """Answer now, or raise ``RefreshNeeded`` when the answer needs I/O. Never raises anything else."""

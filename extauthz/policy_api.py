@@ -20,9 +20,7 @@ class Verdict:
 
 
 class CompiledPolicy(Protocol):
-    def evaluate(
-        self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None
-    ) -> Verdict:
+    def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
         """Decide. Deny rules win over allow rules; a ``public`` rule needs no identity; no match means deny.
 
         Without an identity (and no public rule), answer 401 with ``auth_error``'s reason when a credential was

@@ -99,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-port", type=int, help="admin HTTP port (-1 off; default 9090)")
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     serve.add_argument("--drain-seconds", type=float, help="SIGTERM grace for in-flight calls (default 5)")
-    serve.add_argument(
-        "--deadline-seconds", type=float, help="per-call budget before failing closed (default 1)"
-    )
+    serve.add_argument("--deadline-seconds", type=float, help="per-call budget before failing closed (default 1)")
     serve.set_defaults(handler=_serve)
 
     validate = commands.add_parser("validate", help="check config files; exit 1 with file:line on an error")
@@ -109,15 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     demo = commands.add_parser("demo", help="run Envoy + meshgate on loopback and take a short tour")
-    demo.add_argument(
-        "--tour-only", action="store_true", help="run the tour and exit (non-zero on a failure)"
-    )
+    demo.add_argument("--tour-only", action="store_true", help="run the tour and exit (non-zero on a failure)")
     demo.set_defaults(handler=_demo)
 
     apikey = commands.add_parser("apikey", help="make API keys for the keys file")
-    apikey.add_argument(
-        "action", choices=("new", "hash"), help="new: a fresh key and its hash; hash: of stdin"
-    )
+    apikey.add_argument("action", choices=("new", "hash"), help="new: a fresh key and its hash; hash: of stdin")
     apikey.set_defaults(handler=_apikey)
     return parser
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from extauthz.identity.apikey import generate_api_key, hash_api_key
-
 from meshgate.devservers.echo import EchoThread
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.service import ServiceProcess
@@ -112,14 +111,10 @@ def running_demo(say: Callable[[str], None]) -> Iterator[Demo]:
         policy = workdir / "policy.yaml"
         policy.write_text(POLICY.format(issuer=jwks.issuer, jwks_uri=jwks.jwks_uri))
         say(f"policy: {policy}")
-        service = stack.enter_context(
-            ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"])
-        )
+        service = stack.enter_context(ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"]))
         ports = service.ports
         say(f"extauthz: gRPC :{ports['grpc_port']}  HTTP :{ports['http_port']}  admin :{ports['admin_port']}")
-        config = render(
-            "extauthz-grpc.yaml", listen_port=0, upstream_port=upstream.port, authz_port=ports["grpc_port"]
-        )
+        config = render("extauthz-grpc.yaml", listen_port=0, upstream_port=upstream.port, authz_port=ports["grpc_port"])
         envoy = stack.enter_context(EnvoyProcess().start(config))
         port = envoy.listener_port()
         say(f"envoy: listening on 127.0.0.1:{port} (admin :{envoy.admin_port})")
@@ -136,9 +131,7 @@ def tour_steps(demo: Demo) -> list[Step]:
     return [
         Step("no credential -> 401", "/api/hello", {}, 401, {}),
         Step("public path, no credential -> 200", "/healthz", {}, 200, {}),
-        Step(
-            "reader token -> 200, identity forwarded", "/api/hello", bearer, 200, {"x-auth-subject": "alice"}
-        ),
+        Step("reader token -> 200, identity forwarded", "/api/hello", bearer, 200, {"x-auth-subject": "alice"}),
         Step(
             "token without the reader role -> 403",
             "/api/hello",
@@ -177,9 +170,7 @@ def run_tour(demo: Demo, say: Callable[[str], None]) -> bool:
     for step in tour_steps(demo):
         status, body = _get(demo.port, step.path, step.headers)
         seen = {name.lower(): value for name, value in body.get("headers", {}).items()}
-        passed = status == step.expect_status and all(
-            seen.get(k) == v for k, v in step.expect_upstream.items()
-        )
+        passed = status == step.expect_status and all(seen.get(k) == v for k, v in step.expect_upstream.items())
         ok = ok and passed
         detail = f"got {status}"
         if status >= 400:

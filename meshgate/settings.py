@@ -100,9 +100,7 @@ def validate(settings: ServeSettings) -> None:
         if not lowest <= port <= 65535:
             raise SettingsError(f"--{name.replace('_', '-')} / {env_name(name)}: {port} is not a port")
     if settings.log_level not in LOG_LEVELS:
-        raise SettingsError(
-            f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}"
-        )
+        raise SettingsError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
     for name in ("drain_s", "deadline_s", "reload_interval_s"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{env_name(name)}: must be positive")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.scenarios import POLICY as BENCH_POLICY
 from extauthz.config import (
     DEFAULT_TOKEN_SOURCES,
     ApiKeySettings,
@@ -89,7 +90,7 @@ def test_example_policy_loads() -> None:
 
 
 def test_bench_policy_has_twenty_rules() -> None:
-    config = load_config(FIXTURES / "bench-20-rules.yaml")
+    config = load_config(BENCH_POLICY)
     assert len(config.rules) == 20
     assert config.rules[17].identity == IdentityMatch()  # `identity: {}` = any identity
 

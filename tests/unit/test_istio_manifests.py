@@ -62,9 +62,7 @@ def test_custom_policy_points_at_a_declared_provider() -> None:
         if doc["kind"] == "IstioOperator"
         for provider in doc["spec"]["meshConfig"]["extensionProviders"]
     }
-    customs = [
-        doc for _, doc in docs if doc["kind"] == "AuthorizationPolicy" and doc["spec"]["action"] == "CUSTOM"
-    ]
+    customs = [doc for _, doc in docs if doc["kind"] == "AuthorizationPolicy" and doc["spec"]["action"] == "CUSTOM"]
     assert customs
     for doc in customs:
         assert doc["spec"]["provider"]["name"] in providers

@@ -70,9 +70,7 @@ class RefreshingProvider:
 class Policy:
     """Allow any identity; 401 without; 403 for 'mallory'."""
 
-    def evaluate(
-        self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None
-    ) -> Verdict:
+    def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
         if identity is None:
             if auth_error is not None:
                 return Verdict(False, 401, auth_error.reason, message=auth_error.message)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from bench.scenarios import POLICY as BENCH_POLICY
 from extauthz.config import HeaderMatch, IdentityMatch, RequestMatch, Rule
 from extauthz.config_loader import load_config, parse_config
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 from extauthz.policy import Policy, compile_policy
 from extauthz.policy_api import CompiledPolicy, Verdict
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "policies"
 
 POLICY = """
 rules:
@@ -289,7 +286,7 @@ def test_policy_satisfies_the_protocol() -> None:
 
 
 def test_bench_policy_admits_the_bench_request() -> None:
-    policy = compile_policy(load_config(FIXTURES / "bench-20-rules.yaml").rules)
+    policy = compile_policy(load_config(BENCH_POLICY).rules)
     user = Identity(kind=IdentityKind.JWT, subject="u1", roles=frozenset({"user"}), scopes=frozenset({"items:read"}))
     verdict = policy.evaluate(req("/api/v1/items/42", host="bench.local"), user, None)
     assert verdict == Verdict(True, 200, Reason.ALLOWED, rule="items-read")

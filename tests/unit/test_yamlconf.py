@@ -76,7 +76,7 @@ def test_errors_name_file_and_line(call, message) -> None:  # type: ignore[no-un
 def test_unused_keys_rejected_by_done() -> None:
     r = reader()
     r.get("name", str, "")
-    with pytest.raises(ConfigError, match="t.yaml:2: unknown key 'count'"):
+    with pytest.raises(ConfigError, match=r"t\.yaml:2: unknown key 'count'"):
         r.done()
 
 
