@@ -6,6 +6,7 @@ hops between cores cost ~0.1 ms here, so the layout is stated with every result.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
+from bench.issuer import BenchIssuer
 from bench.loadgen import LoadResult
-from bench.scenarios import BASELINE, FLOOR, SCENARIOS, Scenario
+from bench.scenarios import BASELINE, FLOOR, REQUEST_PATH, SCENARIOS, RunContext, Scenario
 from meshgate.envoy import EnvoyProcess, envoy_version, render
 from tests.support.ports import free_port
 from tests.support.procs import Proc, start
@@ -62,13 +64,15 @@ def _connections(rate: int) -> int:
     return 4 if rate <= 1000 else 8
 
 
-def _start_stack(scn: Scenario, upstream_port: int, envoy_cpu: int | None, svc_cpu: int | None) -> Stack:
+def _start_stack(
+    scn: Scenario, ctx: RunContext, upstream_port: int, envoy_cpu: int | None, svc_cpu: int | None
+) -> Stack:
     values: dict[str, object] = {"listen_port": 0, "upstream_port": upstream_port}
     service = None
     if scn.service is not None:
         port = free_port()
         service = start(
-            scn.service(port), ready_port=port, timeout=30, cpu=svc_cpu, env=scn.env, cwd=REPO_ROOT, name=scn.name
+            scn.service(port, ctx), ready_port=port, timeout=30, cpu=svc_cpu, env=scn.env, cwd=REPO_ROOT, name=scn.name
         )
         values["authz_port"] = port
     envoy = EnvoyProcess(cpu=envoy_cpu)
@@ -78,7 +82,7 @@ def _start_stack(scn: Scenario, upstream_port: int, envoy_cpu: int | None, svc_c
         if service is not None:
             service.cleanup()
         raise
-    stack = Stack(scn, envoy, service, f"http://127.0.0.1:{envoy.listener_port()}{scn.path}", scn.headers())
+    stack = Stack(scn, envoy, service, f"http://127.0.0.1:{envoy.listener_port()}{scn.path}", scn.headers(ctx))
     _sanity_check(stack)
     return stack
 
@@ -137,6 +141,19 @@ def run(opts: Options) -> dict[str, Any]:
     tool = loadgen.tool()
     envoy_cpu, svc_cpu = _cores()
     names = list(opts.scenarios)
+    with contextlib.ExitStack() as resources:
+        ctx = RunContext()
+        if any(SCENARIOS[n].needs_issuer for n in names):
+            issuer = resources.enter_context(BenchIssuer())
+            ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers())
+        stacks = _drive(opts, names, ctx, envoy_cpu, svc_cpu)
+    return _report(opts, names, stacks, tool, envoy_cpu, svc_cpu)
+
+
+def _drive(
+    opts: Options, names: Sequence[str], ctx: RunContext, envoy_cpu: int | None, svc_cpu: int | None
+) -> list[Stack]:
+    """Boot every stack, warm each up, then run the loads alternately, round after round."""
     upstream = start(
         [sys.executable, "-m", "meshgate.devservers.echo", "--port", str(port := free_port())],
         ready_port=port,
@@ -147,12 +164,13 @@ def run(opts: Options) -> dict[str, Any]:
     stacks: list[Stack] = []
     try:
         for name in names:
-            stacks.append(_start_stack(SCENARIOS[name], port, envoy_cpu, svc_cpu))
+            stacks.append(_start_stack(SCENARIOS[name], ctx, port, envoy_cpu, svc_cpu))
             print(f"  started {name}", file=sys.stderr, flush=True)
         for stack in stacks:  # warm-up, not recorded
             loadgen.run_load(
-                stack.url, rate=min(opts.rates), duration=opts.warmup, connections=4, headers=stack.headers
-            )
+                stack.url, rate=min(opts.rates), duration=opts.warmup, connections=4, headers=stack.headers,
+                cpu=svc_cpu,
+            )  # fmt: skip
         for rnd in range(opts.rounds):
             order = stacks[rnd % len(stacks) :] + stacks[: rnd % len(stacks)]  # rotate: no fixed position bias
             loads: list[tuple[str, int | None, int]] = [(str(r), r, _connections(r)) for r in opts.rates]
@@ -169,7 +187,12 @@ def run(opts: Options) -> dict[str, Any]:
     finally:
         _stop(stacks)
         upstream.cleanup()
+    return stacks
 
+
+def _report(
+    opts: Options, names: Sequence[str], stacks: Sequence[Stack], tool: str, envoy_cpu: int | None, svc_cpu: int | None
+) -> dict[str, Any]:
     scenarios = {s.scenario.name: {k: _median(v) for k, v in s.runs.items()} for s in stacks}
     layout = (
         f"envoy: core {envoy_cpu}; upstream, authz service, load generator: core {svc_cpu} (taskset)"
@@ -184,6 +207,12 @@ def run(opts: Options) -> dict[str, Any]:
         "settings": {
             **{k: v for k, v in asdict(opts).items() if k != "out_dir"},
             "connections": {str(r): _connections(r) for r in opts.rates},
+        },
+        "workload": {
+            "request": f"GET {REQUEST_PATH}",
+            "extauthz": "JWT RS256 (2048-bit key from a local JWKS server) + bench/policy-20-rules.yaml (admitted by "
+            "rule 15); one token minted per run and reused by every request, as real clients reuse tokens, so the "
+            "verified-token cache serves all but the first request",
         },
         "scenarios": scenarios,
         "comparisons": compare(scenarios, {n: SCENARIOS[n].transport for n in names}),
