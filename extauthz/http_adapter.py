@@ -415,26 +415,3 @@ async def start_http_listener(
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Connection(ctx), host, port, reuse_address=True)
     return HttpListener(server, ctx)
-
-
-async def start_http_server(
-    host: str,
-    port: int,
-    get_pipeline: Callable[[], Pipeline],
-    *,
-    path_prefix: str = "",
-    forward_auth_path: str = "/forward-auth",
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> asyncio.Server:
-    """Serve on ``host:port`` (0 = a free port). Prefer ``start_http_listener`` for a graceful stop."""
-    listener = await start_http_listener(
-        host,
-        port,
-        get_pipeline,
-        path_prefix=path_prefix,
-        forward_auth_path=forward_auth_path,
-        max_header_bytes=max_header_bytes,
-        max_body_bytes=max_body_bytes,
-    )
-    return listener.server

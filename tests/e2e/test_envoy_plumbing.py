@@ -12,25 +12,13 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import DENY_BODY, EnvoyFactory, GrpcAuthz, HttpAuthz
+from tests.support.http import get
 from tests.support.pki import TestCA
 
 pytestmark = pytest.mark.e2e
 
 
-def _get(
-    port: int, path: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    conn: http.client.HTTPConnection
-    if context is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    else:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
+_get = get
 
 
 def _echoed(body: bytes) -> dict[str, Any]:

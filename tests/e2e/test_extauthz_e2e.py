@@ -6,7 +6,6 @@ the echo upstream, which reports the headers it received.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from meshgate.devservers.signing import (
     tamper_signature,
 )
 from meshgate.envoy import EnvoyProcess, render
+from tests.support.http import get as raw_get
 from tests.support.pki import TestCA
 
 pytestmark = pytest.mark.e2e
@@ -124,23 +124,13 @@ class Stack:
 def get(
     port: int, path: str, headers: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
-    conn: http.client.HTTPConnection
-    if tls is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    else:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=tls)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        reply = conn.getresponse()
-        raw = reply.read()
-        reply_headers = {k.lower(): v for k, v in reply.getheaders()}
-    finally:
-        conn.close()
+    """Like tests.support.http.get, with the body parsed as JSON (echo upstream and denials are JSON)."""
+    status, reply_headers, raw = raw_get(port, path, headers, tls)
     try:
         body = json.loads(raw) if raw else {}
     except ValueError:
         body = {"raw": raw.decode(errors="replace")}
-    return reply.status, reply_headers, body
+    return status, reply_headers, body
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from extauthz.config import ResponseSettings
-from extauthz.http_adapter import HttpListener, encode_decision, start_http_listener, start_http_server
+from extauthz.http_adapter import HttpListener, encode_decision, start_http_listener
 from extauthz.model import CheckInput, Decision, Identity, IdentityKind, Reason
 from extauthz.pipeline import Pipeline
 from tests.unit.test_grpc_adapter import FakePolicy, FakeProvider
@@ -270,7 +270,7 @@ async def test_missing_pipeline_answers_500_and_closes() -> None:
     def no_pipeline() -> Pipeline:
         raise LookupError("not loaded")
 
-    server = await start_http_server("127.0.0.1", 0, no_pipeline)
+    server = (await start_http_listener("127.0.0.1", 0, no_pipeline)).server
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
         writer.write(request())
