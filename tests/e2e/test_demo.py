@@ -1,7 +1,10 @@
 """The README's demo command works: real Envoy + extauthz + local JWKS, and its tour passes."""
 
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +23,46 @@ def test_demo_tour_passes() -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(lines) == 6
     assert all(line.startswith("PASS") for line in lines), done.stdout
+
+
+def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    """Interactive demo: prints curl lines with a token, then Ctrl-C (SIGINT) stops Envoy and extauthz cleanly."""
+    log = tmp_path / "demo.out"
+    with log.open("wb") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "meshgate", "demo"], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Try it" not in log.read_text() and time.monotonic() < deadline and demo.poll() is None:
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "Try it" in text, text
+        assert "curl -i http://127.0.0.1:" in text and "Authorization: Bearer ey" in text
+        children = _children(demo.pid)
+        assert children, "demo runs extauthz and Envoy as child processes"
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"child {pid} left running"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

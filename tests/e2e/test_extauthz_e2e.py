@@ -320,6 +320,7 @@ def test_forged_xfcc_without_mtls_is_not_an_identity(port: int) -> None:
     assert (status, body["error"]["code"]) == (401, "missing_credential")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("spiffe_id", "expected"),
     [
@@ -329,17 +330,18 @@ def test_forged_xfcc_without_mtls_is_not_an_identity(port: int) -> None:
     ],
 )
 def test_spiffe_identity_from_a_real_mtls_connection(
-    stack: Stack, tmp_path: Path, spiffe_id: str, expected: int
+    stack: Stack, tmp_path: Path, mode: str, spiffe_id: str, expected: int
 ) -> None:
+    """gRPC mode reads Envoy's source.principal; HTTP mode the sanitized x-forwarded-client-cert."""
     ca = TestCA(tmp_path)
     server = ca.server()
     client = ca.spiffe_client(spiffe_id)
     with EchoThread() as upstream:
         config = render(
-            "extauthz-grpc-mtls.yaml",
+            f"extauthz-{mode}-mtls.yaml",
             listen_port=0,
             upstream_port=upstream.port,
-            authz_port=stack.service.ports["grpc_port"],
+            authz_port=stack.service.ports[f"{mode}_port"],
             server_cert=server.cert,
             server_key=server.key,
             client_ca=ca.ca_file,
@@ -355,6 +357,36 @@ def test_spiffe_identity_from_a_real_mtls_connection(
         assert body["headers"]["x-auth-client"] == "billing/ledger"
     elif expected == 401:
         assert body["error"]["code"] == "invalid_principal"
+
+
+def test_identity_reaches_envoy_dynamic_metadata(stack: Stack) -> None:
+    """What the rate-limit filter will read: ext_authz's dynamic metadata, echoed upstream by a route header."""
+    token = stack.token(sub="dora", plan="free")
+    expectations = {
+        "grpc": {"sub": "dora", "tier": "free", "kind": "jwt", "roles": "reader"},
+        "http": {"x-meshgate-md-sub": "dora", "x-meshgate-md-tier": "free", "x-meshgate-md-kind": "jwt"},
+    }
+    with EchoThread() as upstream:
+        for mode, expected in expectations.items():
+            config = render(
+                f"extauthz-{mode}.yaml",
+                listen_port=0,
+                upstream_port=upstream.port,
+                authz_port=stack.service.ports[f"{mode}_port"],
+            )
+            config = config.replace(
+                "                route: {cluster: upstream}\n",
+                "                route: {cluster: upstream}\n"
+                "                request_headers_to_add:\n"
+                "                - header: {key: x-seen-metadata, "
+                'value: "%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%"}\n',
+                1,
+            )
+            with EnvoyProcess().start(config) as envoy:
+                status, _, body = get(envoy.listener_port(), "/orders", bearer(token))
+            assert status == 200, body
+            seen = json.loads(body["headers"]["x-seen-metadata"])
+            assert {key: seen.get(key) for key in expected} == expected, (mode, seen)
 
 
 def _wait_for_log(service: ServiceProcess, *words: str, timeout: float = 10.0) -> None:
