@@ -1,0 +1,1 @@
+"""Counter backends behind one interface (``base.CounterBackend``): memory, Redis (standalone/Cluster/Sentinel)."""
