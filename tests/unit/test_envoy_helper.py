@@ -67,6 +67,8 @@ def _dummy_values(names: set[str], tmp_path: Path) -> dict[str, object]:
             values[name] = 0 if name == "listen_port" else 10001 + i
         elif name in files:
             values[name] = files[name]
+        elif name == "domain":
+            values[name] = "test-domain"
         else:
             pytest.fail(f"add a dummy value for ${{{name}}} to this test")
     return values
