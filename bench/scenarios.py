@@ -27,10 +27,6 @@ class RunContext:
 Command = Callable[[int, RunContext], list[str]]  # (port, context) -> argv
 
 
-def _no_headers(ctx: RunContext) -> Mapping[str, str]:
-    return {}
-
-
 def _auth_headers(ctx: RunContext) -> Mapping[str, str]:
     return ctx.auth_headers
 
@@ -41,10 +37,11 @@ class Scenario:
     template: str  # envoy/<template>.yaml; rendered with listen_port, upstream_port and (if a service) authz_port
     transport: str  # "none" (baseline) | "grpc" | "http": picks the floor for ratios
     service: Command | None = None  # the authz service, run on the service core; None = no service
-    headers: Callable[[RunContext], Mapping[str, str]] = _no_headers  # request headers
+    # Every scenario sends the same request (with the bearer token), so the only difference is the service.
+    headers: Callable[[RunContext], Mapping[str, str]] = _auth_headers
     path: str = REQUEST_PATH
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for the service
-    needs_issuer: bool = False  # True: the run starts the bench JWKS issuer and renders the policy
+    needs_issuer: bool = True  # the run starts the bench JWKS issuer (mints the token) and renders the policy
 
 
 def _py(*args: str) -> list[str]:
@@ -78,12 +75,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("passthrough", "passthrough", "none"),
         Scenario("floor-grpc", "extauthz-grpc", "grpc", _floor("grpc")),
         Scenario("floor-http", "extauthz-http", "http", _floor("http")),
-        Scenario(
-            "extauthz-grpc", "extauthz-grpc", "grpc", _meshgate_extauthz("grpc"), _auth_headers, needs_issuer=True
-        ),
-        Scenario(
-            "extauthz-http", "extauthz-http", "http", _meshgate_extauthz("http"), _auth_headers, needs_issuer=True
-        ),
+        Scenario("extauthz-grpc", "extauthz-grpc", "grpc", _meshgate_extauthz("grpc")),
+        Scenario("extauthz-http", "extauthz-http", "http", _meshgate_extauthz("http")),
     )
 }
 

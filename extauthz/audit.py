@@ -59,7 +59,7 @@ def audit_entry(inp: CheckInput, decision: Decision, elapsed_s: float) -> dict[s
     """The audit record's fields (the logger adds ``time``)."""
     kind, subject = _subject(decision)
     return {
-        "request_id": decision.request_id or inp.request_id,
+        "request_id": inp.request_id,
         "identity_kind": kind,
         "subject": subject,
         "method": inp.method,

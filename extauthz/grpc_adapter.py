@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
+from extauthz.identity.base import RefreshNeeded
 from extauthz.model import CheckInput, Decision, Reason
 from extauthz.pipeline import Pipeline
 
@@ -62,9 +62,11 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
 def to_check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
     attributes = request.attributes
     http = attributes.request.http
-    headers: dict[str, str] = dict(http.headers)
+    # The protobuf map is read in place (no copy): CheckInput only needs get / in / iteration.
+    headers: Mapping[str, str] = http.headers
     if not headers and len(http.header_map.headers):
         # Newer Envoy fills header_map (raw values) instead; repeated names are joined like Envoy does.
+        headers = {}
         for entry in http.header_map.headers:
             key = entry.key.lower()
             value = entry.value or entry.raw_value.decode("utf-8", "replace")
@@ -94,10 +96,9 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
             headers_to_remove=decision.headers_to_remove,
         )
         answer = external_auth_pb2.CheckResponse(status=_OK_STATUS, ok_response=ok)
-        if decision.metadata:
-            metadata = struct_pb2.Struct()
-            metadata.update(decision.metadata)
-            answer.dynamic_metadata.CopyFrom(metadata)
+        fields = answer.dynamic_metadata.fields
+        for key, value in decision.metadata.items():
+            fields[key].string_value = value
         return answer
     denied = external_auth_pb2.DeniedHttpResponse(
         status=http_status_pb2.HttpStatus(code=decision.status),
@@ -109,10 +110,28 @@ def to_check_response(decision: Decision) -> external_auth_pb2.CheckResponse:
     )
 
 
+ALLOW_CACHE_SIZE = 4096
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
         self._get_pipeline = get_pipeline
         self._static_denial = _static_denial()
+        # Built allow answers by decision object: the pipeline reuses allow decisions, and building the proto
+        # (headers, Struct) costs more than everything else we do per call.
+        self._allow_answers: dict[int, tuple[Decision, external_auth_pb2.CheckResponse]] = {}
+
+    def _answer(self, decision: Decision) -> external_auth_pb2.CheckResponse:
+        if not decision.allowed:
+            return to_check_response(decision)
+        cached = self._allow_answers.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        answer = to_check_response(decision)
+        if len(self._allow_answers) >= ALLOW_CACHE_SIZE:
+            self._allow_answers.clear()
+        self._allow_answers[id(decision)] = (decision, answer)
+        return answer
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -128,7 +147,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             log.exception("could not read CheckRequest; denying")
             return self._static_denial
         try:
-            return to_check_response(await pipeline.check(inp))
+            try:
+                decision = pipeline.decide(inp)  # no extra coroutine unless a key refresh is needed
+            except RefreshNeeded as needed:
+                decision = await pipeline.check_after_refresh(inp, needed)
+            return self._answer(decision)
         except Exception:
             log.exception("Check failed; denying")
             try:

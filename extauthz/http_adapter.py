@@ -31,6 +31,7 @@ METADATA_HEADER_PREFIX = "x-meshgate-md-"
 HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+ALLOW_CACHE_SIZE = 4096
 LINGER_S = 2.0  # after answering and half-closing, how long to wait for the peer to close
 
 _ALLOW_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
@@ -124,6 +125,20 @@ class _Context:
         self.connections: set[_Connection] = set()
         self.closing = False
         self.all_closed = asyncio.Event()
+        # Encoded allow answers by decision object (the pipeline reuses allow decisions): skips re-encoding.
+        self._allow_bytes: dict[int, tuple[Decision, bytes]] = {}
+
+    def encode(self, decision: Decision, head: bool, close: bool) -> bytes:
+        if not decision.allowed or close:
+            return encode_decision(decision, head=head, close=close)
+        cached = self._allow_bytes.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        payload = encode_decision(decision)  # an allow has no body, so HEAD and GET answers are the same bytes
+        if len(self._allow_bytes) >= ALLOW_CACHE_SIZE:
+            self._allow_bytes.clear()
+        self._allow_bytes[id(decision)] = (decision, payload)
+        return payload
 
 
 class _HeadersTooLarge(Exception):
@@ -271,7 +286,7 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("decide failed; denying")
             decision = pipeline.fail_closed(inp, Reason.INTERNAL_ERROR, "internal error")
-        self._respond(encode_decision(decision, head=head, close=close), close=close)
+        self._respond(self._ctx.encode(decision, head, close), close=close)
 
     # -- request -> CheckInput -------------------------------------------------------------------------------
     def _to_input(self, method: str) -> CheckInput:

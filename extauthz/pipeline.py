@@ -20,6 +20,8 @@ from extauthz.policy_api import CompiledPolicy
 
 log = logging.getLogger(__name__)
 
+ALLOW_MEMO_SIZE = 4096
+
 
 class DecisionObserver(Protocol):
     """Audit log and metrics: told about every decision with its latency."""
@@ -49,6 +51,7 @@ class Pipeline:
         self.observer: DecisionObserver = observer or NullObserver()
         self.deadline_s = deadline_s
         self._clock = clock
+        self._allow_memo: dict[tuple[int, str, Reason], Decision] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -73,7 +76,7 @@ class Pipeline:
                 break
         verdict = self.policy.evaluate(inp, identity, auth_error)
         if verdict.allowed:
-            return response.allow(inp, identity, verdict.rule, verdict.reason, self.response_settings)
+            return self._allow(identity, verdict.rule, verdict.reason)
         return response.deny(
             inp,
             verdict.status,
@@ -83,6 +86,22 @@ class Pipeline:
             identity=identity,
             rule=verdict.rule,
         )
+
+    def _allow(self, identity: Identity | None, rule: str, reason: Reason) -> Decision:
+        """The allow decision, reused while the same identity object (e.g. a token-cache hit) meets the same rule.
+
+        Keyed by the identity's id and checked by ``is``, so a recycled id can never return another identity's
+        answer; the transports key their encoded answers on the decision object in turn.
+        """
+        key = (id(identity), rule, reason)
+        cached = self._allow_memo.get(key)
+        if cached is not None and cached.identity is identity:
+            return cached
+        decision = response.allow(identity, rule, reason, self.response_settings)
+        if len(self._allow_memo) >= ALLOW_MEMO_SIZE:
+            self._allow_memo.clear()  # cheaper than LRU bookkeeping on every call; refills from hot identities
+        self._allow_memo[key] = decision
+        return decision
 
     def fail_closed(self, inp: CheckInput, reason: Reason, message: str) -> Decision:
         return response.deny(inp, 503 if reason is Reason.TIMEOUT else 500, reason, message, self.response_settings)

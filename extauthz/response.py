@@ -35,10 +35,11 @@ def identity_metadata(identity: Identity) -> dict[str, str]:
     return {key: value for key, value in values.items() if value}
 
 
-def allow(
-    inp: CheckInput, identity: Identity | None, rule: str, reason: Reason, settings: ResponseSettings
-) -> Decision:
-    """Allow, overwriting every identity header (a client may have forged one) and stripping the credential."""
+def allow(identity: Identity | None, rule: str, reason: Reason, settings: ResponseSettings) -> Decision:
+    """Allow, overwriting every identity header (a client may have forged one) and stripping the credential.
+
+    The result depends only on identity, rule and reason (not on the request), so the pipeline may reuse it.
+    """
     to_set: list[tuple[str, str]] = []
     to_remove: list[str] = []
     if identity is None:
@@ -65,7 +66,6 @@ def allow(
         reason=reason,
         identity=identity,
         rule=rule,
-        request_id=inp.request_id,
         headers_to_set=tuple(to_set),
         headers_to_remove=tuple(to_remove),
         metadata=identity_metadata(identity) if identity is not None else {},

@@ -145,6 +145,7 @@ class ApiKeyProvider:
         self._clock = clock
         self._header = settings.header.lower()
         self._scheme = settings.authorization_scheme.lower()
+        self._identities: dict[tuple[str, str], Identity] = {}
 
     async def start(self) -> None:
         return None
@@ -182,11 +183,16 @@ class ApiKeyProvider:
             raise AuthenticationError(Reason.API_KEY_REVOKED, "API key has been revoked")
         if entry.expires is not None and entry.expires <= self._clock():
             raise AuthenticationError(Reason.API_KEY_EXPIRED, "API key has expired")
-        return Identity(
-            kind=IdentityKind.API_KEY,
-            subject=entry.client,
-            client=entry.client,
-            roles=entry.roles,
-            tier=entry.tier,
-            credential_header=header,
-        )
+        # One identity object per (key, header): bounded by the keys file, and lets the pipeline reuse answers.
+        identity = self._identities.get((entry.key_id, header))
+        if identity is None:
+            identity = Identity(
+                kind=IdentityKind.API_KEY,
+                subject=entry.client,
+                client=entry.client,
+                roles=entry.roles,
+                tier=entry.tier,
+                credential_header=header,
+            )
+            self._identities[(entry.key_id, header)] = identity
+        return identity

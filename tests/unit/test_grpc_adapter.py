@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from extauthz import grpc_adapter
+from extauthz import grpc_adapter, response
 from extauthz.config import ResponseSettings
 from extauthz.identity.base import RefreshNeeded
 from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, IdentityKind, Reason
@@ -241,7 +242,7 @@ async def test_check_fails_closed_on_provider_bug(served: Served) -> None:
 
 async def test_check_never_raises_when_pipeline_breaks(served: Served) -> None:
     class Broken(Pipeline):
-        async def check(self, inp: CheckInput) -> Decision:
+        def decide(self, inp: CheckInput) -> Decision:
             raise RuntimeError("bug")
 
     served.pipeline = Broken([served.provider], FakePolicy(), ResponseSettings())
@@ -289,3 +290,24 @@ async def test_health_and_reflection_report_the_service(served: Served) -> None:
     await call.done_writing()
     names = {service.name for service in reply.list_services_response.service}
     assert {grpc_adapter.SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+def test_allow_answers_are_built_once_per_decision() -> None:
+    servicer = grpc_adapter.AuthorizationServicer(lambda: make_pipeline())
+    identity = Identity(kind=IdentityKind.JWT, subject="alice", tier="gold")
+    allow = response.allow(identity, "r", Reason.ALLOWED, ResponseSettings())
+    first = servicer._answer(allow)
+    assert servicer._answer(allow) is first
+    other = response.allow(replace(identity, subject="bob"), "r", Reason.ALLOWED, ResponseSettings())
+    assert servicer._answer(other) is not first
+    assert first.dynamic_metadata.fields["sub"].string_value == "alice"
+    denial = response.deny(
+        CheckInput(method="GET", host="h", path="/"), 403, Reason.FORBIDDEN, "no", ResponseSettings()
+    )
+    assert servicer._answer(denial) is not servicer._answer(denial)  # denials carry request data: never reused
+
+
+async def test_refresh_needed_is_awaited_then_answered(served: Served) -> None:
+    answer = await served.stub.Check(check_request("/x", {"authorization": "Bearer refresh"}))
+    assert answer.status.code == 0
+    assert served.provider.refreshed

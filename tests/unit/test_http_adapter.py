@@ -12,7 +12,7 @@ from extauthz.config import ResponseSettings
 from extauthz.http_adapter import HttpListener, encode_decision, start_http_listener
 from extauthz.model import CheckInput, Decision, Identity, IdentityKind, Reason
 from extauthz.pipeline import Pipeline
-from tests.unit.test_grpc_adapter import FakePolicy, FakeProvider
+from tests.unit.test_grpc_adapter import FakePolicy, FakeProvider, make_pipeline
 
 
 class GatedProvider(FakeProvider):
@@ -364,3 +364,14 @@ def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLo
 
         return uvloop.EventLoopPolicy()
     return asyncio.DefaultEventLoopPolicy()
+
+
+async def test_allow_bytes_are_encoded_once_per_decision() -> None:
+    from extauthz import response
+    from extauthz.http_adapter import _Context
+
+    ctx = _Context(make_pipeline, "", "/forward-auth", 1024, 1024)
+    allow = response.allow(Identity(kind=IdentityKind.JWT, subject="a"), "r", Reason.ALLOWED, ResponseSettings())
+    first = ctx.encode(allow, head=False, close=False)
+    assert ctx.encode(allow, head=True, close=False) is first
+    assert ctx.encode(allow, head=False, close=True).endswith(b"connection: close\r\n\r\n")

@@ -224,3 +224,19 @@ def test_fuzz_keys(key: str, scheme: str) -> None:
         except AuthenticationError as error:
             outcome = error.reason
         assert outcome in (None, Reason.INVALID_API_KEY)
+
+
+def test_identity_object_is_reused_per_key_and_header() -> None:
+    """The pipeline reuses allow answers per identity object: a key must map to one object per header."""
+    from extauthz.config import ApiKeySettings
+    from extauthz.identity.apikey import ApiKeyEntry, ApiKeyProvider, ApiKeyStore, hash_api_key
+
+    digest = bytes.fromhex(hash_api_key("mgk_reuse"))
+    store = ApiKeyStore({digest: ApiKeyEntry(key_id="k", client="svc", digest=digest)})
+    provider = ApiKeyProvider(ApiKeySettings(), store)
+    via_header = CheckInput(method="GET", host="h", path="/", headers={"x-api-key": "mgk_reuse"})
+    via_scheme = CheckInput(method="GET", host="h", path="/", headers={"authorization": "ApiKey mgk_reuse"})
+    first = provider.authenticate(via_header)
+    assert provider.authenticate(via_header) is first
+    other = provider.authenticate(via_scheme)
+    assert other is not first and other is not None and other.credential_header == "authorization"

@@ -181,3 +181,39 @@ async def test_lifecycle_reaches_providers() -> None:
     await pipeline.close()
     assert (provider.started, provider.closed) == (1, 1)
     assert (await pipeline.check(INP)).allowed
+
+
+class SameIdentityProvider:
+    """Returns one identity object per user, as the JWT token cache does on a hit."""
+
+    kind = IdentityKind.JWT
+
+    def __init__(self) -> None:
+        self.identities = {name: Identity(kind=self.kind, subject=name) for name in ("alice", "bob")}
+
+    def authenticate(self, inp: CheckInput) -> Identity | None:
+        return self.identities.get(inp.headers.get("x-user", ""))
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_allow_decisions_are_reused_per_identity_object_and_rule() -> None:
+    pipeline, _ = make(SameIdentityProvider())
+    first = pipeline.decide(with_headers(**{"x-user": "alice"}))
+    again = pipeline.decide(CheckInput(method="POST", host="h", path="/q", headers={"x-user": "alice"}))
+    other = pipeline.decide(with_headers(**{"x-user": "bob"}))
+    assert first is again  # same identity object, same rule: the same answer, not rebuilt
+    assert other is not first and other.identity is not None and other.identity.subject == "bob"
+    assert first.request_id == ""  # request-specific data never sits in a reused decision
+
+
+def test_allow_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extauthz.pipeline.ALLOW_MEMO_SIZE", 2)
+    pipeline, _ = make(HeaderProvider())
+    for name in ("a", "b", "c", "d"):
+        assert pipeline.decide(with_headers(**{"x-user": name})).allowed
+    assert len(pipeline._allow_memo) <= 2

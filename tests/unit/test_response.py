@@ -17,7 +17,7 @@ def test_allow_overwrites_identity_headers_and_strips_the_credential() -> None:
         tier="gold",
         credential_header="authorization",
     )
-    decision = response.allow(INP, identity, "readers", Reason.ALLOWED, SETTINGS)
+    decision = response.allow(identity, "readers", Reason.ALLOWED, SETTINGS)
     assert decision.allowed and decision.status == 200 and decision.rule == "readers"
     assert dict(decision.headers_to_set) == {
         "x-auth-subject": "alice",
@@ -38,7 +38,7 @@ def test_allow_overwrites_identity_headers_and_strips_the_credential() -> None:
 
 
 def test_anonymous_allow_removes_every_identity_header() -> None:
-    decision = response.allow(INP, None, "health", Reason.PUBLIC, SETTINGS)
+    decision = response.allow(None, "health", Reason.PUBLIC, SETTINGS)
     assert decision.headers_to_set == ()
     assert set(decision.headers_to_remove) == set(response.identity_header_names(SETTINGS))
     assert decision.metadata == {}
@@ -47,7 +47,7 @@ def test_anonymous_allow_removes_every_identity_header() -> None:
 def test_keeping_credentials_when_configured() -> None:
     identity = Identity(kind=IdentityKind.API_KEY, subject="svc", client="svc", credential_header="x-api-key")
     keep = ResponseSettings(strip_credentials=False)
-    decision = response.allow(INP, identity, "r", Reason.ALLOWED, keep)
+    decision = response.allow(identity, "r", Reason.ALLOWED, keep)
     assert "x-api-key" not in decision.headers_to_remove
 
 
