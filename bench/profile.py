@@ -116,7 +116,7 @@ async def _micro(calls: int) -> list[tuple[str, float]]:
                 ("http: Pipeline.decide (cached token)", lambda: pipeline.decide(http_input)),
                 ("  decide: identity provider (token cache hit)", lambda: provider.authenticate(http_input)),
                 ("  decide: Policy.evaluate (rule 15 of 20)", lambda: pipeline.policy.evaluate(http_input, who, None)),
-                ("  decide: response.allow", lambda: allow(http_input, who, "items-read", Reason.ALLOWED, settings)),
+                ("  decide: response.allow", lambda: allow(who, "items-read", Reason.ALLOWED, settings)),
                 ("  decide: observer.record", lambda: pipeline.observer.record(http_input, decision, 1e-5)),
                 ("http: encode_decision", lambda: encode_decision(decision)),
             ]
