@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "drain_s": args.drain_seconds,
         "deadline_s": args.deadline_seconds,
+        "backend": args.backend,
     }
     try:
         settings = load_settings(flags)
@@ -34,16 +35,18 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     if settings.service == "extauthz":
-        from extauthz.app import build_extauthz
-
-        try:
-            run_forever(settings, build_extauthz)
-        except ConfigError as error:
-            print(f"meshgate: invalid config: {error}", file=sys.stderr)
-            return 1
-        return 0
-    print("meshgate: the ratelimit service is not built yet", file=sys.stderr)
-    return 2
+        from extauthz.app import build_extauthz as build
+    else:
+        from ratelimit.app import build_ratelimit as build
+    try:
+        run_forever(settings, build)
+    except ConfigError as error:
+        print(f"meshgate: invalid config: {error}", file=sys.stderr)
+        return 1
+    except SettingsError as error:  # raised while building (e.g. a bad --backend or MESHGATE_* option)
+        print(f"meshgate: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     serve.add_argument("--drain-seconds", type=float, help="SIGTERM grace for in-flight calls (default 5)")
     serve.add_argument("--deadline-seconds", type=float, help="per-call budget before failing closed (default 1)")
+    serve.add_argument(
+        "--backend",
+        help="ratelimit counters: memory (default) or redis://, rediss://, redis+cluster://, redis+sentinel:// URL",
+    )
     serve.set_defaults(handler=_serve)
 
     validate = commands.add_parser("validate", help="check config files; exit 1 with file:line on an error")

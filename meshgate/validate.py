@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshgate import yamlconf
-from meshgate.yamlconf import ConfigError
 
 
 def validate_path(path: Path) -> str:
     """Load ``path`` fully (and every file it names); return a one-line summary or raise ConfigError."""
     if path.is_dir():
-        raise ConfigError(str(path), 0, "ratelimit descriptor directories are not supported yet")
+        return _ratelimit_summary(path)
     document = yamlconf.load(path)
     if isinstance(document, dict) and "domain" in document:
-        raise ConfigError(str(path), 0, "ratelimit descriptor files are not supported yet")
+        return _ratelimit_summary(path)
     from extauthz.app import build_pipeline
     from extauthz.identity.jwks import JwksRegistry
     from extauthz.pipeline import NullObserver
@@ -22,3 +21,12 @@ def validate_path(path: Path) -> str:
     pipeline = build_pipeline(path, JwksRegistry(), observer=NullObserver())
     kinds = ", ".join(provider.kind.value for provider in pipeline.providers) or "none"
     return f"extauthz policy; identity providers: {kinds}"
+
+
+def _ratelimit_summary(path: Path) -> str:
+    """A descriptor file (``domain:`` at the top) or a directory of them, loaded as the ratelimit server does."""
+    from ratelimit.config import load_config
+
+    config = load_config(path)
+    domains = ", ".join(sorted(config.domains)) or "none"
+    return f"ratelimit config; domains: {domains}"

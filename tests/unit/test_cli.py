@@ -1,14 +1,20 @@
 """The `meshgate` command's own paths (serve itself is exercised end to end in tests/e2e)."""
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from extauthz.identity.apikey import hash_api_key
 from meshgate.cli import main
+from meshgate.devservers.service import ServiceProcess
+from tests.support.http import get
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "policies"
 
@@ -25,13 +31,17 @@ def test_validate_bad_policy_names_file_and_line(capsys: pytest.CaptureFixture[s
     assert f"{bad}:11: algorithms: 'none' is never accepted" in err
 
 
-def test_validate_rejects_ratelimit_configs_until_supported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_ratelimit_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     descriptors = tmp_path / "config.yaml"
     descriptors.write_text("domain: shop\ndescriptors: []\n")
-    assert main(["validate", str(descriptors), str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert "ratelimit descriptor files are not supported yet" in err
-    assert "ratelimit descriptor directories are not supported yet" in err
+    assert main(["validate", str(descriptors), str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{descriptors}: ok (ratelimit config; domains: shop)" in out
+    assert f"{tmp_path}: ok (ratelimit config; domains: shop)" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domain: other\ndescriptors:\n  - key: k\n    nope: 1\n")
+    assert main(["validate", str(tmp_path)]) == 1
+    assert f"{bad}:4:" in capsys.readouterr().err
 
 
 def test_apikey_new_prints_a_key_and_its_digest(capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,9 +64,35 @@ def test_serve_refuses_bad_settings(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_serve_ratelimit_is_not_built_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "ratelimit", "--config", str(tmp_path)]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_serve_ratelimit_answers_should_rate_limit_over_grpc(tmp_path: Path) -> None:
+    (tmp_path / "shop.yaml").write_text(
+        "domain: shop\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 1}\n"
+    )
+    env = {**os.environ, "MESHGATE_RATELIMIT_HEADERS": "draft"}
+    with ServiceProcess(["ratelimit", "--config", str(tmp_path), "--backend", "memory"], env=env) as svc:
+        request = rls_pb2.RateLimitRequest(
+            domain="shop",
+            descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=[{"key": "user", "value": "a"}])],
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{svc.ports['grpc_port']}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            first = stub.ShouldRateLimit(request, timeout=10)
+            second = stub.ShouldRateLimit(request, timeout=10)
+        assert first.overall_code == rls_pb2.RateLimitResponse.OK
+        assert second.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
+        assert "RateLimit" in {header.key for header in second.response_headers_to_add}
+        status, _, body = get(svc.ports["admin_port"], "/readyz")
+        assert status == 200
+        assert b'"backend":true' in body
+
+
+def test_serve_ratelimit_refuses_a_bad_backend(tmp_path: Path) -> None:
+    (tmp_path / "shop.yaml").write_text("domain: shop\n")
+    command = [sys.executable, "-m", "meshgate", "serve", "ratelimit", "--config", str(tmp_path)]
+    command += ["--backend", "postgres://db", "--grpc-port", "0", "--admin-port", "-1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "expected memory or a redis URL" in done.stderr
 
 
 def test_serve_with_a_bad_policy_exits_1_with_file_and_line() -> None:

@@ -1,0 +1,276 @@
+"""One factory for Redis connections (standalone, Cluster, Sentinel; auth and TLS for each), shared by both services.
+
+URL formats (credentials percent-encoded; a bad URL raises ValueError with a message fit for the CLI):
+
+    redis://[[user]:password@]host[:port][/db][?options]                  standalone (port 6379, db 0)
+    rediss://...                                                          the same over TLS
+    redis+cluster://[[user]:password@]host:port[,host:port...][?options]  Cluster; the nodes are seeds only
+    rediss+cluster://...                                                  Cluster over TLS
+    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db][?options]
+    rediss+sentinel://...                                                 Sentinel (port 26379), TLS everywhere
+
+Options (query string):
+    ca_cert=PATH  cert=PATH  key=PATH   TLS: CA bundle to verify the server, client cert + key (mutual TLS)
+    check_hostname=true|false           TLS: verify the server's name (default true)
+    sentinel_username=U  sentinel_password=P   Sentinel only: credentials of the sentinels themselves; the userinfo
+                                        credentials are those of the master and replicas
+
+Never log a URL as given: ``redacted_url()`` masks the passwords.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+Kind = Literal["standalone", "cluster", "sentinel"]
+
+_SCHEMES: dict[str, tuple[Kind, bool]] = {
+    "redis": ("standalone", False),
+    "rediss": ("standalone", True),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+}
+_DEFAULT_PORT = {"standalone": 6379, "cluster": 6379, "sentinel": 26379}
+_TLS_OPTIONS = frozenset({"ca_cert", "cert", "key", "check_hostname"})
+_SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
+_SECRET_OPTIONS = frozenset({"sentinel_password"})
+_MASK = "***"
+# Idle connections are PINGed before reuse after this long, so a silently dropped one is replaced, not failed on.
+_HEALTH_CHECK_INTERVAL_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class RedisUrl:
+    """A parsed, validated Redis URL."""
+
+    kind: Kind
+    hosts: tuple[tuple[str, int], ...]
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+    master: str = ""  # Sentinel: the monitored master's name
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    check_hostname: bool = True
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its passwords masked (userinfo and secret options); never raises, whatever the input."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url else _MASK
+    netloc_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:netloc_end], rest[netloc_end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:{_MASK}@{hosts}"
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        parts = []
+        for item in query.split("&"):
+            name, eq, _value = item.partition("=")
+            parts.append(f"{name}={_MASK}" if eq and name in _SECRET_OPTIONS else item)
+        tail = f"{path}?{'&'.join(parts)}"
+    return f"{scheme}://{netloc}{tail}"
+
+
+def _fail(url: str, message: str) -> ValueError:
+    return ValueError(f"invalid Redis URL {redacted_url(url)!r}: {message}")
+
+
+def _parse_host(url: str, text: str, default_port: int) -> tuple[str, int]:
+    if text.startswith("["):  # [IPv6]:port
+        host, close, after = text[1:].partition("]")
+        if not close or (after and not after.startswith(":")):
+            raise _fail(url, f"bad IPv6 address {text!r}")
+        port_text = after[1:]
+    else:
+        host, _colon, port_text = text.partition(":")
+    if not host:
+        raise _fail(url, f"missing host in {text!r}")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _fail(url, f"bad port {port_text!r} (1-65535)")
+    return host, int(port_text)
+
+
+def _parse_db(url: str, text: str) -> int:
+    if not text.isdigit():
+        raise _fail(url, f"database must be a number, got {text!r}")
+    return int(text)
+
+
+def _parse_bool(url: str, name: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise _fail(url, f"option {name} must be true or false, got {text!r}")
+
+
+def parse_url(url: str) -> RedisUrl:
+    """Validate ``url`` (formats in the module docstring); ValueError names what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise _fail(url, f"scheme must be one of {', '.join(s + '://' for s in _SCHEMES)}")
+    kind, tls = _SCHEMES[scheme.lower()]
+    if "#" in rest:
+        raise _fail(url, "fragments (#...) are not allowed")
+    rest, _q, query = rest.partition("?")
+    netloc, _slash, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user_text, colon, pass_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(pass_text) if colon else None
+        if username is not None and password is None:
+            raise _fail(url, "a user name needs a password (user:password@)")
+    if not hostlist:
+        raise _fail(url, "missing host")
+    hosts = tuple(_parse_host(url, item, _DEFAULT_PORT[kind]) for item in hostlist.split(","))
+    if kind == "standalone" and len(hosts) > 1:
+        raise _fail(url, "several hosts need redis+cluster:// or redis+sentinel://")
+
+    db, master = 0, ""
+    segments = path.split("/") if path else []
+    if kind == "sentinel":
+        if not segments or not segments[0]:
+            raise _fail(url, "the master name is missing: redis+sentinel://host:port/MASTER[/db]")
+        master = unquote(segments.pop(0))
+    if segments and not segments[-1]:
+        segments.pop()  # a trailing slash
+    if kind == "cluster" and segments:
+        raise _fail(url, "Redis Cluster has no databases: drop the path")
+    if len(segments) > 1:
+        raise _fail(url, f"unexpected path {path!r}")
+    if segments:
+        db = _parse_db(url, segments[0])
+
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        allowed = _TLS_OPTIONS | (_SENTINEL_OPTIONS if kind == "sentinel" else frozenset())
+        if name not in allowed:
+            raise _fail(url, f"unknown option {name!r} (known: {', '.join(sorted(allowed))})")
+        if name in options:
+            raise _fail(url, f"option {name!r} given twice")
+        if not value:
+            raise _fail(url, f"option {name!r} needs a value")
+        options[name] = value
+    if not tls and options.keys() & _TLS_OPTIONS:
+        raise _fail(url, "TLS options need a rediss:// scheme")
+    if ("cert" in options) != ("key" in options):
+        raise _fail(url, "a client certificate needs both cert= and key=")
+    return RedisUrl(
+        kind=kind,
+        hosts=hosts,
+        tls=tls,
+        username=username,
+        password=password,
+        db=db,
+        master=master,
+        ca_cert=options.get("ca_cert"),
+        cert=options.get("cert"),
+        key=options.get("key"),
+        check_hostname=_parse_bool(url, "check_hostname", options.get("check_hostname", "true")),
+        sentinel_username=options.get("sentinel_username"),
+        sentinel_password=options.get("sentinel_password"),
+    )
+
+
+@dataclass(eq=False)
+class RedisTarget:
+    """What a backend talks to: ``client`` (standalone, Sentinel) or ``cluster`` (Cluster), exactly one is set."""
+
+    kind: Kind
+    url: str  # redacted: safe to log
+    client: Redis | None = None
+    cluster: RedisCluster | None = None
+
+    async def ping(self) -> bool:
+        """One PING (to every Cluster node); False on any failure. The caller bounds the time."""
+        try:
+            if self.cluster is not None:
+                return bool(await self.cluster.ping(target_nodes=RedisCluster.ALL_NODES))
+            assert self.client is not None
+            return bool(await self.client.ping())
+        except Exception:  # readiness must answer, not raise
+            return False
+
+    async def close(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.aclose()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisTarget({self.kind}, {self.url})"
+
+
+def _tls_kwargs(parsed: RedisUrl) -> dict[str, Any]:
+    if not parsed.tls:
+        return {}
+    return {
+        "ssl": True,
+        "ssl_ca_certs": parsed.ca_cert,
+        "ssl_certfile": parsed.cert,
+        "ssl_keyfile": parsed.key,
+        "ssl_check_hostname": parsed.check_hostname,
+        "ssl_cert_reqs": "required",
+    }
+
+
+def connect(url: str, *, timeout_s: float) -> RedisTarget:
+    """Build the client for ``url``; no I/O here (connections open on first use and reopen after failures).
+
+    Every socket operation is bounded by ``timeout_s``; one immediate retry on a fresh connection replaces a pooled
+    connection that died (e.g. Redis restarted) without failing the call. hiredis parses replies when installed.
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"Redis timeout must be > 0 seconds, got {timeout_s}")
+    parsed = parse_url(url)
+    common: dict[str, Any] = {
+        "username": parsed.username,
+        "password": parsed.password,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": _HEALTH_CHECK_INTERVAL_S,
+        "retry": Retry(NoBackoff(), 1),
+        **_tls_kwargs(parsed),
+    }
+    safe = redacted_url(url)
+    if parsed.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in parsed.hosts]
+        cluster = RedisCluster(startup_nodes=nodes, **common)
+        return RedisTarget("cluster", safe, cluster=cluster)
+    if parsed.kind == "sentinel":
+        sentinel_kwargs: dict[str, Any] = {
+            "username": parsed.sentinel_username,
+            "password": parsed.sentinel_password,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            **_tls_kwargs(parsed),
+        }
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel.__init__ untyped
+            list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, db=parsed.db, **common
+        )
+        client = sentinel.master_for(parsed.master)
+        return RedisTarget("sentinel", safe, client=client)
+    host, port = parsed.hosts[0]
+    return RedisTarget("standalone", safe, client=Redis(host=host, port=port, db=parsed.db, **common))

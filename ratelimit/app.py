@@ -1,0 +1,203 @@
+"""Composition root of the rate-limit service: config dir -> watched config, backend -> RateLimitService, served.
+
+A reload loads and validates the whole directory, then swaps the new config in atomically (the last good one keeps
+serving on a failure). Counters never live in the config: they stay in the backend under keys built from the
+domain, the entries and the limit (``keys.counter_key``), so a reload never resets the counters of unchanged rules.
+
+Process options that ``ServeSettings`` does not carry (yet) come from the environment:
+``MESHGATE_SHADOW_MODE`` (1/true/yes/on: global shadow mode), ``MESHGATE_RATELIMIT_HEADERS``
+(off | draft | classic | both; default off), ``MESHGATE_BACKEND_TIMEOUT_S`` (per backend call, default 0.1),
+``MESHGATE_NEAR_LIMIT_RATIO`` (default 0.8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshgate.reload import ConfigWatcher
+from meshgate.runtime import ServiceRuntime
+from meshgate.settings import SettingsError
+from ratelimit import metrics
+from ratelimit.admin import BackendProbe, build_router
+from ratelimit.backends.base import CounterBackend
+from ratelimit.config import RateLimitConfig, load_config
+from ratelimit.headers import HeaderMode, parse_mode
+from ratelimit.server import add_to_server
+from ratelimit.service import RateLimitService
+
+log = logging.getLogger(__name__)
+
+RATELIMIT_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitOptions:
+    shadow_mode: bool = False
+    headers: HeaderMode = "off"
+    backend_timeout_s: float = 0.1
+    near_limit_ratio: float = 0.8
+    probe_interval_s: float = 2.0
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _number(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> RateLimitOptions:
+    environ = os.environ if environ is None else environ
+    try:
+        headers = parse_mode(environ.get("MESHGATE_RATELIMIT_HEADERS", "off"))
+    except ValueError as error:
+        raise SettingsError(f"MESHGATE_RATELIMIT_HEADERS: {error}") from None
+    timeout_s = _number(environ, "MESHGATE_BACKEND_TIMEOUT_S", 0.1)
+    ratio = _number(environ, "MESHGATE_NEAR_LIMIT_RATIO", 0.8)
+    if timeout_s <= 0:
+        raise SettingsError("MESHGATE_BACKEND_TIMEOUT_S: must be positive")
+    if not 0 < ratio <= 1:
+        raise SettingsError("MESHGATE_NEAR_LIMIT_RATIO: must be in (0, 1]")
+    return RateLimitOptions(
+        shadow_mode=_flag(environ, "MESHGATE_SHADOW_MODE"),
+        headers=headers,
+        backend_timeout_s=timeout_s,
+        near_limit_ratio=ratio,
+    )
+
+
+def backend_name(url: str) -> str:
+    """``memory`` or ``redis`` (a bounded metric label; never the URL, which may carry a password)."""
+    if url == "memory":
+        return "memory"
+    if url.lower().startswith(REDIS_SCHEMES):
+        return "redis"
+    raise SettingsError(f"--backend / MESHGATE_BACKEND: expected memory or a redis URL ({', '.join(REDIS_SCHEMES)})")
+
+
+def make_backend(url: str, *, timeout_s: float) -> CounterBackend:
+    if backend_name(url) == "memory":
+        from ratelimit.backends.memory import MemoryBackend
+
+        return MemoryBackend()
+    from ratelimit.backends.redis import RedisBackend
+
+    try:
+        return RedisBackend.from_url(url, timeout_s=timeout_s)
+    except ValueError as error:  # a malformed URL; the message never carries the password
+        raise SettingsError(f"--backend: {error}") from None
+
+
+class RateLimitApp:
+    """Holds the watched config and the one RateLimitService the transports ask for."""
+
+    def __init__(
+        self,
+        path: Path,
+        backend: CounterBackend,
+        *,
+        options: RateLimitOptions | None = None,
+        reload_interval_s: float = 1.0,
+        backend_label: str = "memory",
+    ) -> None:
+        options = options or RateLimitOptions()
+        self.path = path
+        self.backend = backend
+        self.watcher: ConfigWatcher[RateLimitConfig] = ConfigWatcher(
+            load=lambda: load_config(path),
+            watched=lambda _current: [path],
+            on_swap=self._on_swap,
+            component="ratelimit",
+            interval_s=reload_interval_s,
+            load_in_thread=True,  # a pure parse; a large descriptor dir must not stall the event loop
+        )
+        self.service = RateLimitService(
+            lambda: self.watcher.current,
+            backend,
+            shadow_mode_global=options.shadow_mode,
+            near_limit_ratio=options.near_limit_ratio,
+            headers=options.headers,
+            backend_name=backend_label,
+        )
+
+    def config(self) -> RateLimitConfig:
+        return self.watcher.current
+
+    def get_service(self) -> RateLimitService:
+        return self.service
+
+    async def _on_swap(self, new: RateLimitConfig) -> None:
+        metrics.CONFIG_DOMAINS.set(len(new.domains))
+
+    async def start(self) -> None:
+        config = self.watcher.load_initial()
+        metrics.CONFIG_DOMAINS.set(len(config.domains))
+        await self.watcher.start()
+
+    async def close(self) -> None:
+        await self.watcher.close()
+        await self.backend.close()
+
+
+async def build_ratelimit(runtime: ServiceRuntime) -> None:
+    settings = runtime.settings
+    options = options_from_env()
+    label = backend_name(settings.backend)
+    backend = make_backend(settings.backend, timeout_s=options.backend_timeout_s)
+    app = RateLimitApp(
+        settings.config,
+        backend,
+        options=options,
+        reload_interval_s=settings.reload_interval_s,
+        backend_label=label,
+    )
+    try:
+        await app.start()
+    except BaseException:
+        await backend.close()
+        raise
+    runtime.on_stop(app.close)
+    runtime.readiness.set("config", True)
+    probe = BackendProbe(
+        backend,
+        lambda ok: runtime.readiness.set("backend", ok),
+        interval_s=options.probe_interval_s,
+        timeout_s=max(options.backend_timeout_s, 0.5),
+        backend_name=label,
+    )
+    runtime.on_start(probe.start)
+    runtime.on_stop(probe.close)
+    runtime.add_grpc_service(
+        RATELIMIT_SERVICE, lambda server: add_to_server(server, app.get_service, deadline_s=settings.deadline_s)
+    )
+    runtime.add_admin_router(build_router(app.get_service, lambda: app.config().to_dict()))
+    log.info(
+        "ratelimit ready",
+        extra={"backend": label, "shadow_mode": options.shadow_mode, "headers": options.headers},
+    )

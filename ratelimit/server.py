@@ -1,0 +1,156 @@
+"""Thin ``RateLimitService/ShouldRateLimit`` adapter: proto -> RateLimitRequest -> service -> proto.
+
+The only module that knows the protobuf shapes. Failures never crash the server nor hang the call: a missing
+backend answer (without the domain's ``on_backend_error``), a deadline or any bug answers gRPC UNAVAILABLE at once,
+and Envoy's ``failure_mode_deny`` decides; a malformed request answers INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.type.v3 import ratelimit_unit_pb2
+from google.protobuf import duration_pb2
+
+from ratelimit.backends.base import BackendUnavailable
+from ratelimit.model import (
+    Code,
+    Descriptor,
+    DescriptorStatus,
+    Entry,
+    Limit,
+    RateLimitRequest,
+    RateLimitResponse,
+    Unit,
+)
+from ratelimit.service import RateLimitService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+
+_RESPONSE = rls_pb2.RateLimitResponse
+_CODES = {Code.OK: _RESPONSE.OK, Code.OVER_LIMIT: _RESPONSE.OVER_LIMIT}
+_RESPONSE_UNITS = {
+    Unit.SECOND: _RESPONSE.RateLimit.SECOND,
+    Unit.MINUTE: _RESPONSE.RateLimit.MINUTE,
+    Unit.HOUR: _RESPONSE.RateLimit.HOUR,
+    Unit.DAY: _RESPONSE.RateLimit.DAY,
+    Unit.WEEK: _RESPONSE.RateLimit.WEEK,
+    Unit.MONTH: _RESPONSE.RateLimit.MONTH,
+    Unit.YEAR: _RESPONSE.RateLimit.YEAR,
+}
+# The override's unit is envoy.type.v3.RateLimitUnit (no WEEK there).
+_OVERRIDE_UNITS = {
+    ratelimit_unit_pb2.SECOND: Unit.SECOND,
+    ratelimit_unit_pb2.MINUTE: Unit.MINUTE,
+    ratelimit_unit_pb2.HOUR: Unit.HOUR,
+    ratelimit_unit_pb2.DAY: Unit.DAY,
+    ratelimit_unit_pb2.MONTH: Unit.MONTH,
+    ratelimit_unit_pb2.YEAR: Unit.YEAR,
+}
+_UINT32_MAX = 2**32 - 1
+
+
+class BadRequest(ValueError):
+    """The request cannot be answered as sent (empty domain, no descriptors, bad override)."""
+
+
+def _override(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Limit | None:
+    if not descriptor.HasField("limit"):
+        return None
+    unit = _OVERRIDE_UNITS.get(descriptor.limit.unit)
+    if unit is None:
+        raise BadRequest("descriptor limit override has an unknown unit")
+    return Limit(requests_per_unit=descriptor.limit.requests_per_unit, unit=unit)
+
+
+def to_request(request: rls_pb2.RateLimitRequest) -> RateLimitRequest:
+    """proto -> model; the request's ``hits_addend`` 0 means 1, a descriptor's unset one means "the request's"."""
+    if not request.domain:
+        raise BadRequest("rate limit domain must not be empty")
+    if not request.descriptors:
+        raise BadRequest("rate limit descriptor list must not be empty")
+    descriptors = tuple(
+        Descriptor(
+            entries=tuple(Entry(entry.key, entry.value) for entry in descriptor.entries),
+            limit_override=_override(descriptor),
+            hits_addend=descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None,
+        )
+        for descriptor in request.descriptors
+    )
+    return RateLimitRequest(request.domain, descriptors, request.hits_addend or 1)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    seconds = max(0.0, seconds)
+    whole = math.floor(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def _status(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+    limit = status.limit
+    if limit is None:
+        return _RESPONSE.DescriptorStatus(code=_CODES[status.code])
+    return _RESPONSE.DescriptorStatus(
+        code=_CODES[status.code],
+        current_limit=_RESPONSE.RateLimit(
+            requests_per_unit=min(limit.requests_per_unit, _UINT32_MAX),
+            unit=_RESPONSE_UNITS[limit.unit],
+            name=limit.name,
+        ),
+        limit_remaining=min(max(0, status.remaining), _UINT32_MAX),
+        duration_until_reset=_duration(status.reset_s),
+    )
+
+
+def to_response(response: RateLimitResponse) -> rls_pb2.RateLimitResponse:
+    """model -> proto: statuses in descriptor order; windows of N units report their unit (Envoy has no N)."""
+    return _RESPONSE(
+        overall_code=_CODES[response.code],
+        statuses=[_status(status) for status in response.statuses],
+        response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in response.response_headers],
+        request_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in response.request_headers],
+    )
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    def __init__(self, get_service: Callable[[], RateLimitService], *, deadline_s: float = 1.0) -> None:
+        self._get_service = get_service
+        self._deadline_s = deadline_s
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        # Decide inside the try, abort outside it: context.abort raises, and that must reach grpc untouched.
+        code: grpc.StatusCode
+        try:
+            inp = to_request(request)
+            async with asyncio.timeout(self._deadline_s):
+                return to_response(await self._get_service().should_rate_limit(inp))
+        except BadRequest as error:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        except BackendUnavailable:
+            code, message = grpc.StatusCode.UNAVAILABLE, "rate limit backend unavailable"
+        except TimeoutError:
+            code, message = grpc.StatusCode.UNAVAILABLE, "rate limit decision missed its deadline"
+        except Exception:
+            log.exception("ShouldRateLimit failed")
+            code, message = grpc.StatusCode.UNAVAILABLE, "internal error"
+        await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def add_to_server(
+    server: grpc.aio.Server, get_service: Callable[[], RateLimitService], *, deadline_s: float = 1.0
+) -> RateLimitServicer:
+    servicer = RateLimitServicer(get_service, deadline_s=deadline_s)
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, server)
+    return servicer

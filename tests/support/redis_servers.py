@@ -1,0 +1,379 @@
+"""Real redis-server processes for tests: standalone, a 3-master Cluster and a Sentinel set-up, on loopback.
+
+Every server runs in its own temp dir without persistence (``--save "" --appendonly no``); every wait is bounded.
+The session fixtures share one instance of each kind per test process (started on first use, stopped at exit), so
+several test modules can import them and still talk to the same servers:
+
+    from tests.support.redis_servers import redis_standalone_url  # noqa: F401  (pytest fixture)
+
+- ``redis_standalone_url`` -> ``redis://127.0.0.1:PORT``
+- ``redis_cluster_url``    -> ``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3``
+- ``redis_sentinel_url``   -> ``redis+sentinel://127.0.0.1:S1/mymaster``
+
+Tests that kill or reconfigure a server start their own ``RedisServer`` (see ``stop()`` / ``start()``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.ports import free_port
+from tests.support.procs import Proc, ProcessError
+
+REDIS_SERVER = shutil.which("redis-server") or "redis-server"
+START_TIMEOUT = 20.0  # generous: a loaded 2-core machine; every loop below is bounded by it
+_READY = r"Ready to accept connections"
+_SENTINEL_READY = r"Sentinel ID is"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Server-side TLS material; clients verify against ``ca``."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def _wait_until(check: Any, what: str, timeout: float = START_TIMEOUT) -> Any:
+    """Poll ``check()`` until it returns something truthy; ProcessError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except (redis.RedisError, OSError) as exc:
+            last, result = exc, None
+        if result:
+            return result
+        time.sleep(0.05)
+    raise ProcessError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last!r})")
+
+
+class RedisServer:
+    """One redis-server on 127.0.0.1; ``stop()`` then ``start()`` brings it back on the same port (empty)."""
+
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+        extra_args: Sequence[str] = (),
+        name: str = "redis",
+        sentinel_config: Sequence[str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.password = password
+        self.tls = tls
+        self.extra_args = list(extra_args)
+        self.name = name
+        self.sentinel_config = sentinel_config  # lines of sentinel.conf (after "port"): run as a sentinel
+        self.dir = Path(tempfile.mkdtemp(prefix=f"meshgate-{name}-"))
+        self._proc: Proc | None = None
+
+    def command(self) -> list[str]:
+        if self.sentinel_config is not None:
+            conf = self.dir / "sentinel.conf"  # sentinel rewrites its config file: it must be writable
+            lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", *self.sentinel_config]
+            conf.write_text("\n".join(lines) + "\n")
+            return [REDIS_SERVER, str(conf), "--sentinel"]
+        cmd = [REDIS_SERVER, "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "", "--appendonly", "no"]
+        cmd += ["--protected-mode", "no", "--loglevel", "notice"]
+        if self.tls is None:
+            cmd += ["--port", str(self.port)]
+        else:
+            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert)]
+            cmd += ["--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca)]
+            cmd += ["--tls-auth-clients", "optional"]
+        if self.password is not None:
+            cmd += ["--requirepass", self.password]
+        return cmd + self.extra_args
+
+    def start(self) -> RedisServer:
+        if self.running:
+            return self
+        self._proc = Proc(self.command(), cwd=self.dir, name=self.name)
+        try:
+            ready = _SENTINEL_READY if self.sentinel_config is not None else _READY
+            self._proc.wait_for_line(ready, timeout=START_TIMEOUT)
+        except BaseException:
+            self._proc.cleanup()
+            self._proc = None
+            raise
+        return self
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the server (SIGKILL by default: the sudden failure tests want). Idempotent."""
+        if self._proc is not None:
+            self._proc.stop(timeout=5.0, sig=sig)
+            self._proc.log_path.unlink(missing_ok=True)
+            self._proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.proc.poll() is None
+
+    def log(self) -> str:
+        return self._proc.output() if self._proc is not None else ""
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}"
+        return f"rediss://{auth}127.0.0.1:{self.port}?ca_cert={self.tls.ca}"
+
+    def client(self) -> redis.Redis:
+        """A synchronous admin client (INFO, CONFIG, SCRIPT FLUSH, ...) for assertions."""
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=5.0, **tls)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+
+def command_calls(client: redis.Redis, command: str) -> int:
+    """How often ``command`` (e.g. "evalsha") ran since the last CONFIG RESETSTAT (from INFO commandstats)."""
+    stats = client.info("commandstats")
+    entry = stats.get(f"cmdstat_{command.lower()}")
+    return int(entry["calls"]) if entry else 0
+
+
+class RedisCluster:
+    """Three masters, no replicas, every slot covered; ``url`` lists all three nodes."""
+
+    def __init__(self, masters: int = 3) -> None:
+        # explicit bus ports: the default (port + 10000) overflows for high ephemeral ports
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.nodes = [
+            RedisServer(
+                name=f"redis-cluster{i}",
+                extra_args=[
+                    *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                    *("--cluster-node-timeout", "3000", "--cluster-port", str(bus)),
+                ],
+            )
+            for i, bus in enumerate(self.bus_ports)
+        ]
+
+    def start(self) -> RedisCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            self._create()
+            for node in self.nodes:
+                with node.client() as client:
+                    # every node must see all slots and every other node, or a MOVED could name an unknown node
+                    _wait_until(lambda c=client: self._ready(c.cluster("INFO")), "cluster_state:ok")
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _ready(self, info: dict[str, Any]) -> bool:
+        return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == len(self.nodes)
+
+    def _create(self) -> None:
+        """Assign slot ranges and MEET the nodes ourselves: no redis-cli needed, and no 1 s sleeps of its own."""
+        count = len(self.nodes)
+        first = self.nodes[0]
+        for index, node in enumerate(self.nodes):
+            low, high = index * 16384 // count, (index + 1) * 16384 // count - 1
+            with node.client() as client:
+                client.execute_command("CLUSTER ADDSLOTSRANGE", low, high)
+                if node is not first:
+                    client.execute_command("CLUSTER MEET", "127.0.0.1", first.port, self.bus_ports[0])
+        with first.client() as client:
+            client.execute_command("CLUSTER BUMPEPOCH")
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+
+class RedisSentinel:
+    """A master, one replica, and 1 (or 3) sentinels monitoring it as ``mymaster``."""
+
+    MASTER_NAME = "mymaster"
+
+    def __init__(self, sentinels: int = 1, *, password: str | None = None, down_after_ms: int = 1000) -> None:
+        self.password = password
+        # no diskless-sync delay (5 s by default): the replica syncs at once
+        self.master = RedisServer(
+            name="redis-master", password=password, extra_args=["--repl-diskless-sync-delay", "0"]
+        )
+        replica_args = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        if password is not None:
+            replica_args += ["--masterauth", password]
+        self.replica = RedisServer(name="redis-replica", password=password, extra_args=replica_args)
+        lines = [
+            f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} {sentinels // 2 + 1}",
+            f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
+            f"sentinel failover-timeout {self.MASTER_NAME} 5000",
+            f"sentinel parallel-syncs {self.MASTER_NAME} 1",
+        ]
+        if password is not None:
+            lines.append(f"sentinel auth-pass {self.MASTER_NAME} {password}")
+        self.sentinels = [RedisServer(name=f"redis-sentinel{i}", sentinel_config=lines) for i in range(sentinels)]
+
+    def start(self) -> RedisSentinel:
+        try:
+            self.master.start()
+            self.replica.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            with self.replica.client() as replica:
+                _wait_until(lambda: b"master_link_status:up" in replica.execute_command("INFO replication"), "sync")
+            for sentinel in self.sentinels:
+                with sentinel.client() as client:
+                    _wait_until(
+                        lambda c=client: c.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME),
+                        "sentinel to know the master",
+                    )
+                    _wait_until(
+                        lambda c=client: c.execute_command("SENTINEL REPLICAS", self.MASTER_NAME), "sentinel replicas"
+                    )
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def master_port(self) -> int:
+        """The port of the master as the first sentinel sees it now."""
+        with self.sentinels[0].client() as client:
+            _host, port = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME)
+        return int(port)
+
+    def cleanup(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.cleanup()
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{auth}{hosts}/{self.MASTER_NAME}"
+
+    def __enter__(self) -> RedisSentinel:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+
+# One shared instance of each kind per process, so every module importing the fixtures reuses the same servers.
+_shared: dict[str, RedisServer | RedisCluster | RedisSentinel] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_instance(kind: str) -> RedisServer | RedisCluster | RedisSentinel:
+    with _shared_lock:
+        if kind not in _shared:
+            made = {"standalone": RedisServer, "cluster": RedisCluster, "sentinel": RedisSentinel}[kind]()
+            made.start()
+            _shared[kind] = made
+        return _shared[kind]
+
+
+@atexit.register
+def _cleanup_shared() -> None:
+    for instance in _shared.values():
+        instance.cleanup()
+    _shared.clear()
+
+
+def _require_redis() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_standalone() -> RedisServer:
+    _require_redis()
+    server = _shared_instance("standalone")
+    assert isinstance(server, RedisServer)
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> RedisCluster:
+    _require_redis()
+    cluster = _shared_instance("cluster")
+    assert isinstance(cluster, RedisCluster)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> RedisSentinel:
+    _require_redis()
+    sentinel = _shared_instance("sentinel")
+    assert isinstance(sentinel, RedisSentinel)
+    return sentinel
+
+
+@pytest.fixture(scope="session")
+def redis_standalone_url(redis_standalone: RedisServer) -> str:
+    return redis_standalone.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_url(redis_sentinel: RedisSentinel) -> str:
+    return redis_sentinel.url
+
+
+__all__ = [
+    "RedisCluster",
+    "RedisSentinel",
+    "RedisServer",
+    "TlsFiles",
+    "command_calls",
+    "redis_cluster",
+    "redis_cluster_url",
+    "redis_sentinel",
+    "redis_sentinel_url",
+    "redis_standalone",
+    "redis_standalone_url",
+]
