@@ -84,3 +84,18 @@ def test_configmap_policy_is_a_valid_extauthz_policy(tmp_path: Path) -> None:
             assert "extauthz policy" in validate_path(policy)
             return
     pytest.fail("no policy ConfigMap in istio/")
+
+
+def test_configmap_descriptors_are_a_valid_ratelimit_config(tmp_path: Path) -> None:
+    from meshgate.validate import validate_path
+
+    found = 0
+    for _, doc in manifests():
+        if doc["kind"] != "ConfigMap":
+            continue
+        for name, text in doc.get("data", {}).items():
+            if text.lstrip().startswith("domain:"):
+                (tmp_path / name).write_text(text)
+                found += 1
+    assert found, "istio/ ships a ratelimit descriptor ConfigMap"
+    assert "ratelimit config" in validate_path(tmp_path)
