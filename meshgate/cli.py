@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshgate import __version__
-from meshgate.settings import LOG_LEVELS, SERVICES, SettingsError, load_settings
+from meshgate.settings import LOG_LEVELS, RATELIMIT_HEADER_MODES, SERVICES, SettingsError, load_settings
 from meshgate.yamlconf import ConfigError
 
 
@@ -27,6 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
         "drain_s": args.drain_seconds,
         "deadline_s": args.deadline_seconds,
         "backend": args.backend,
+        "backend_timeout_s": args.backend_timeout_seconds,
+        "shadow_mode": True if args.shadow_mode else None,
+        "ratelimit_headers": args.ratelimit_headers,
     }
     try:
         settings = load_settings(flags)
@@ -43,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"meshgate: invalid config: {error}", file=sys.stderr)
         return 1
-    except SettingsError as error:  # raised while building (e.g. a bad --backend or MESHGATE_* option)
+    except SettingsError as error:  # raised while building (e.g. a malformed --backend URL)
         print(f"meshgate: {error}", file=sys.stderr)
         return 2
     return 0
@@ -106,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend",
         help="ratelimit counters: memory (default) or redis://, rediss://, redis+cluster://, redis+sentinel:// URL",
+    )
+    serve.add_argument("--backend-timeout-seconds", type=float, help="ratelimit: per Redis call (default 0.1)")
+    serve.add_argument(
+        "--shadow-mode", action="store_true", help="ratelimit: never refuse; count and log what would be refused"
+    )
+    serve.add_argument(
+        "--ratelimit-headers", choices=RATELIMIT_HEADER_MODES, help="ratelimit: response headers (default off)"
     )
     serve.set_defaults(handler=_serve)
 

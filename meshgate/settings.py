@@ -13,6 +13,9 @@ from typing import Any
 
 SERVICES = ("extauthz", "ratelimit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+RATELIMIT_HEADER_MODES = ("off", "draft", "classic", "both")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 class SettingsError(ValueError):
@@ -31,7 +34,11 @@ class ServeSettings:
     drain_s: float = 5.0  # after SIGTERM: not-ready first, then at most this long for in-flight calls
     deadline_s: float = 1.0  # per-call budget before failing closed
     reload_interval_s: float = 1.0  # how often config files are checked for changes
-    backend: str = "memory"  # ratelimit counters: memory | redis://... (later issues)
+    backend: str = "memory"  # ratelimit counters: memory | redis:// | rediss:// | redis+cluster:// | redis+sentinel://
+    backend_timeout_s: float = 0.1  # ratelimit: per backend call; past it the store counts as unavailable
+    shadow_mode: bool = False  # ratelimit: never refuse, only count and log what would have been refused
+    ratelimit_headers: str = "off"  # ratelimit: off | draft (IETF RateLimit) | classic (X-RateLimit-*) | both
+    near_limit_ratio: float = 0.8  # ratelimit: share of a limit from which hits count as near_limit
 
     @property
     def env_names(self) -> dict[str, str]:
@@ -44,6 +51,13 @@ def env_name(field_name: str) -> str:
 
 def _coerce(name: str, raw: Any, kind: type) -> Any:
     try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text not in _TRUE | _FALSE:
+                raise ValueError(text)
+            return text in _TRUE
         if kind is int:
             return int(raw)
         if kind is float:
@@ -69,6 +83,10 @@ _KINDS: dict[str, type] = {
     "deadline_s": float,
     "reload_interval_s": float,
     "backend": str,
+    "backend_timeout_s": float,
+    "shadow_mode": bool,
+    "ratelimit_headers": str,
+    "near_limit_ratio": float,
 }
 
 
@@ -101,8 +119,15 @@ def validate(settings: ServeSettings) -> None:
             raise SettingsError(f"--{name.replace('_', '-')} / {env_name(name)}: {port} is not a port")
     if settings.log_level not in LOG_LEVELS:
         raise SettingsError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
-    for name in ("drain_s", "deadline_s", "reload_interval_s"):
+    for name in ("drain_s", "deadline_s", "reload_interval_s", "backend_timeout_s"):
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{env_name(name)}: must be positive")
+    if settings.ratelimit_headers not in RATELIMIT_HEADER_MODES:
+        raise SettingsError(
+            f"--ratelimit-headers / {env_name('ratelimit_headers')}: expected one of "
+            f"{', '.join(RATELIMIT_HEADER_MODES)}, got {settings.ratelimit_headers!r}"
+        )
+    if not 0 < settings.near_limit_ratio <= 1:
+        raise SettingsError(f"{env_name('near_limit_ratio')}: must be in (0, 1]")
     if not settings.config.exists():
         raise SettingsError(f"--config: {settings.config} does not exist")

@@ -4,23 +4,20 @@ A reload loads and validates the whole directory, then swaps the new config in a
 serving on a failure). Counters never live in the config: they stay in the backend under keys built from the
 domain, the entries and the limit (``keys.counter_key``), so a reload never resets the counters of unchanged rules.
 
-Process options that ``ServeSettings`` does not carry (yet) come from the environment:
-``MESHGATE_SHADOW_MODE`` (1/true/yes/on: global shadow mode), ``MESHGATE_RATELIMIT_HEADERS``
-(off | draft | classic | both; default off), ``MESHGATE_BACKEND_TIMEOUT_S`` (per backend call, default 0.1),
-``MESHGATE_NEAR_LIMIT_RATIO`` (default 0.8).
+Its options come from the process settings (flags or ``MESHGATE_*`` variables): ``--backend``,
+``--backend-timeout-seconds``, ``--shadow-mode``, ``--ratelimit-headers`` (off | draft | classic | both) and
+``MESHGATE_NEAR_LIMIT_RATIO``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
-from meshgate.settings import SettingsError
+from meshgate.settings import ServeSettings, SettingsError
 from ratelimit import metrics
 from ratelimit.admin import BackendProbe, build_router
 from ratelimit.backends.base import CounterBackend
@@ -40,56 +37,26 @@ REDIS_SCHEMES = (
     "redis+sentinel://",
     "rediss+sentinel://",
 )
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitOptions:
+    """The service's knobs, taken from the process settings (``ServeSettings``)."""
+
     shadow_mode: bool = False
     headers: HeaderMode = "off"
     backend_timeout_s: float = 0.1
     near_limit_ratio: float = 0.8
     probe_interval_s: float = 2.0
 
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
-
-
-def _number(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
-
-
-def options_from_env(environ: Mapping[str, str] | None = None) -> RateLimitOptions:
-    environ = os.environ if environ is None else environ
-    try:
-        headers = parse_mode(environ.get("MESHGATE_RATELIMIT_HEADERS", "off"))
-    except ValueError as error:
-        raise SettingsError(f"MESHGATE_RATELIMIT_HEADERS: {error}") from None
-    timeout_s = _number(environ, "MESHGATE_BACKEND_TIMEOUT_S", 0.1)
-    ratio = _number(environ, "MESHGATE_NEAR_LIMIT_RATIO", 0.8)
-    if timeout_s <= 0:
-        raise SettingsError("MESHGATE_BACKEND_TIMEOUT_S: must be positive")
-    if not 0 < ratio <= 1:
-        raise SettingsError("MESHGATE_NEAR_LIMIT_RATIO: must be in (0, 1]")
-    return RateLimitOptions(
-        shadow_mode=_flag(environ, "MESHGATE_SHADOW_MODE"),
-        headers=headers,
-        backend_timeout_s=timeout_s,
-        near_limit_ratio=ratio,
-    )
+    @classmethod
+    def from_settings(cls, settings: ServeSettings) -> RateLimitOptions:
+        return cls(
+            shadow_mode=settings.shadow_mode,
+            headers=parse_mode(settings.ratelimit_headers),
+            backend_timeout_s=settings.backend_timeout_s,
+            near_limit_ratio=settings.near_limit_ratio,
+        )
 
 
 def backend_name(url: str) -> str:
@@ -167,7 +134,7 @@ class RateLimitApp:
 
 async def build_ratelimit(runtime: ServiceRuntime) -> None:
     settings = runtime.settings
-    options = options_from_env()
+    options = RateLimitOptions.from_settings(settings)
     label = backend_name(settings.backend)
     backend = make_backend(settings.backend, timeout_s=options.backend_timeout_s)
     app = RateLimitApp(

@@ -149,17 +149,19 @@ async def test_backend_probe_sets_readiness_and_recovers() -> None:
 
 
 # -- composition root --------------------------------------------------------------------------------------------
-def test_options_from_env() -> None:
-    options = rl_app.options_from_env(
-        {
-            "MESHGATE_SHADOW_MODE": "yes",
-            "MESHGATE_RATELIMIT_HEADERS": "classic",
-            "MESHGATE_BACKEND_TIMEOUT_S": "0.05",
-            "MESHGATE_NEAR_LIMIT_RATIO": "",
-        }
-    )
+def test_options_come_from_the_settings(tmp_path: Path) -> None:
+    from meshgate.settings import load_settings
+
+    env = {
+        "MESHGATE_SHADOW_MODE": "yes",
+        "MESHGATE_RATELIMIT_HEADERS": "classic",
+        "MESHGATE_BACKEND_TIMEOUT_S": "0.05",
+    }
+    settings = load_settings({"service": "ratelimit", "config": str(tmp_path)}, env)
+    options = rl_app.RateLimitOptions.from_settings(settings)
     assert options == rl_app.RateLimitOptions(shadow_mode=True, headers="classic", backend_timeout_s=0.05)
-    assert rl_app.options_from_env({}) == rl_app.RateLimitOptions()
+    defaults = load_settings({"service": "ratelimit", "config": str(tmp_path)}, {})
+    assert rl_app.RateLimitOptions.from_settings(defaults) == rl_app.RateLimitOptions()
     for bad in (
         {"MESHGATE_SHADOW_MODE": "maybe"},
         {"MESHGATE_RATELIMIT_HEADERS": "x"},
@@ -168,7 +170,7 @@ def test_options_from_env() -> None:
         {"MESHGATE_NEAR_LIMIT_RATIO": "2"},
     ):
         with pytest.raises(SettingsError):
-            rl_app.options_from_env(bad)
+            load_settings({"service": "ratelimit", "config": str(tmp_path)}, bad)
 
 
 def test_backend_names() -> None:
@@ -205,8 +207,9 @@ async def test_app_reload_swaps_config_and_keeps_counters(tmp_path: Path) -> Non
 
 async def test_build_ratelimit_registers_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "shop.yaml").write_text(CONFIG)
-    monkeypatch.setenv("MESHGATE_RATELIMIT_HEADERS", "both")
-    settings = ServeSettings(service="ratelimit", config=tmp_path, grpc_port=0, http_port=-1, admin_port=0)
+    settings = ServeSettings(
+        service="ratelimit", config=tmp_path, grpc_port=0, http_port=-1, admin_port=0, ratelimit_headers="both"
+    )
     runtime = ServiceRuntime(settings)
     await rl_app.build_ratelimit(runtime)
     stop = asyncio.Event()

@@ -38,3 +38,14 @@ def test_flags_win_over_env_and_defaults(tmp_path: Path) -> None:
 def test_bad_settings_are_explained(flags: dict[str, object], env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_settings(flags, env)
+
+
+def test_ratelimit_options_parse_from_env(tmp_path: Path) -> None:
+    env = {"MESHGATE_SHADOW_MODE": "on", "MESHGATE_RATELIMIT_HEADERS": "both", "MESHGATE_NEAR_LIMIT_RATIO": "0.5"}
+    settings = load_settings({"service": "ratelimit", "config": str(tmp_path), "backend_timeout_s": 0.2}, env)
+    assert settings.shadow_mode is True
+    assert settings.ratelimit_headers == "both"
+    assert settings.near_limit_ratio == 0.5
+    assert settings.backend_timeout_s == 0.2
+    with pytest.raises(SettingsError, match="MESHGATE_SHADOW_MODE"):
+        load_settings({"service": "ratelimit", "config": str(tmp_path)}, {"MESHGATE_SHADOW_MODE": "perhaps"})
