@@ -1,8 +1,10 @@
-"""``meshgate demo``: a real Envoy in front of an echo upstream, guarded by extauthz, all on loopback.
+"""``meshgate demo``: a real Envoy in front of an echo upstream, guarded by extauthz and ratelimit, all on loopback.
 
-It generates a signing key, serves it from a local JWKS endpoint, writes a small policy and an API-keys file, starts
-extauthz (as a child process, exactly as ``meshgate serve`` runs it) and Envoy, then takes a short tour and prints
-curl lines to try by hand. Nothing here needs Redis or the network beyond 127.0.0.1.
+It generates a signing key, serves it from a local JWKS endpoint, writes a small policy, an API-keys file and a
+rate-limit descriptor config, starts extauthz and ratelimit (as child processes, exactly as ``meshgate serve`` runs
+them) and Envoy (envoy/extauthz-ratelimit.yaml: ext_authz's (tier, sub) feed the rate-limit descriptors), then takes
+a short tour and prints curl lines to try by hand. Nothing here needs Redis (the in-memory backend counts) or the
+network beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ clients:
 """
 
 
+# Identity-aware quotas: (tier, sub) from ext_authz's dynamic metadata. Anonymous callers share one quota, each
+# free subject has its own, premium is unlimited.
+QUOTAS = """\
+domain: demo
+descriptors:
+  - key: tier
+    value: anonymous
+    descriptors:
+      - key: sub
+        rate_limit: {{unit: minute, requests_per_unit: {anonymous}, name: anonymous}}
+  - key: tier
+    value: free
+    descriptors:
+      - key: sub
+        rate_limit: {{unit: minute, requests_per_unit: {free}, name: free-tier}}
+  - key: tier
+    value: premium
+    descriptors:
+      - key: sub
+        rate_limit: {{unlimited: true}}
+"""
+FREE_PER_MINUTE = 5
+ANONYMOUS_PER_MINUTE = 30  # roomy: the tour's public calls must not run out
+RATELIMIT_HEADERS = ("ratelimit", "ratelimit-policy", "retry-after")
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     title: str
@@ -110,11 +138,27 @@ def running_demo(say: Callable[[str], None]) -> Iterator[Demo]:
         (workdir / "keys.yaml").write_text(KEYS.format(digest=hash_api_key(api_key)))
         policy = workdir / "policy.yaml"
         policy.write_text(POLICY.format(issuer=jwks.issuer, jwks_uri=jwks.jwks_uri))
+        quotas = workdir / "ratelimit.yaml"
+        quotas.write_text(QUOTAS.format(anonymous=ANONYMOUS_PER_MINUTE, free=FREE_PER_MINUTE))
         say(f"policy: {policy}")
+        say(f"quotas: {quotas}")
         service = stack.enter_context(ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"]))
         ports = service.ports
         say(f"extauthz: gRPC :{ports['grpc_port']}  HTTP :{ports['http_port']}  admin :{ports['admin_port']}")
-        config = render("extauthz-grpc.yaml", listen_port=0, upstream_port=upstream.port, authz_port=ports["grpc_port"])
+        rl_env = {**os.environ, "MESHGATE_RATELIMIT_HEADERS": "draft"}
+        ratelimit = stack.enter_context(
+            ServiceProcess(["ratelimit", "--config", str(quotas), "--drain-seconds", "1"], env=rl_env)
+        )
+        rl_ports = ratelimit.ports
+        say(f"ratelimit: gRPC :{rl_ports['grpc_port']}  admin :{rl_ports['admin_port']}  (memory backend)")
+        config = render(
+            "extauthz-ratelimit.yaml",
+            listen_port=0,
+            upstream_port=upstream.port,
+            authz_port=ports["grpc_port"],
+            ratelimit_port=rl_ports["grpc_port"],
+            domain="demo",
+        )
         envoy = stack.enter_context(EnvoyProcess().start(config))
         port = envoy.listener_port()
         say(f"envoy: listening on 127.0.0.1:{port} (admin :{envoy.admin_port})")
@@ -150,19 +194,48 @@ def tour_steps(demo: Demo) -> list[Step]:
     ]
 
 
-def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+def _request(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """GET; returns the status, lower-cased response headers and the JSON body ({} when not JSON)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", path, headers=headers)
         reply = conn.getresponse()
         body = reply.read()
+        reply_headers = {name.lower(): value for name, value in reply.getheaders()}
     finally:
         conn.close()
     try:
         parsed = json.loads(body) if body else {}
     except ValueError:
         parsed = {}
-    return reply.status, parsed if isinstance(parsed, dict) else {}
+    return reply.status, reply_headers, parsed if isinstance(parsed, dict) else {}
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    status, _, body = _request(port, path, headers)
+    return status, body
+
+
+def run_burst(demo: Demo, say: Callable[[str], None]) -> bool:
+    """Free tier, 5/min per subject: a burst as alice ends in 429 with RateLimit headers; premium stays 200."""
+    alice = {"authorization": f"Bearer {demo.reader_token}"}
+    # Bounded: enough calls to exhaust a fresh quota even if a minute boundary resets it once mid-burst.
+    statuses: list[int] = []
+    headers: dict[str, str] = {}
+    for _ in range(2 * FREE_PER_MINUTE + 1):
+        status, headers, _ = _request(demo.port, "/api/hello", alice)
+        statuses.append(status)
+        if status == 429:
+            break
+    passed = statuses[-1] == 429 and all(name in headers for name in RATELIMIT_HEADERS)
+    title = f"free tier burst ({FREE_PER_MINUTE}/min per subject) -> 429"
+    say(f"{'PASS' if passed else 'FAIL'}  {title:45} got {' '.join(map(str, statuses))}")
+    for name in RATELIMIT_HEADERS:
+        if name in headers:
+            say(f"        {name}: {headers[name]}")
+    status = _get(demo.port, "/api/reports/daily", {"x-api-key": demo.api_key})[0]
+    say(f"{'PASS' if status == 200 else 'FAIL'}  {'premium tier (API key) is unlimited -> 200':45} got {status}")
+    return passed and status == 200
 
 
 def run_tour(demo: Demo, say: Callable[[str], None]) -> bool:
@@ -176,7 +249,7 @@ def run_tour(demo: Demo, say: Callable[[str], None]) -> bool:
         if status >= 400:
             detail += f" {body.get('error', {}).get('code', '')}".rstrip()
         say(f"{'PASS' if passed else 'FAIL'}  {step.title:45} {detail}")
-    return ok
+    return run_burst(demo, say) and ok
 
 
 def curl_lines(demo: Demo) -> str:
@@ -187,7 +260,10 @@ def curl_lines(demo: Demo) -> str:
           curl -i {base}/api/hello
           curl -i {base}/api/hello -H 'Authorization: Bearer {demo.reader_token}'
           curl -i {base}/api/hello -H 'Authorization: Bearer {demo.stranger_token}'
-          curl -i {base}/api/reports/daily -H 'x-api-key: {demo.api_key}'"""
+          curl -i {base}/api/reports/daily -H 'x-api-key: {demo.api_key}'
+          # free tier, {FREE_PER_MINUTE}/min per subject: a burst ends in 429 with RateLimit headers and Retry-After
+          for i in $(seq {FREE_PER_MINUTE + 2}); do curl -s -o /dev/null -D - {base}/api/hello \\
+            -H 'Authorization: Bearer {demo.reader_token}' | grep -iE '^(HTTP|ratelimit|retry-after)'; done"""
     )
 
 

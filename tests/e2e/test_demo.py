@@ -1,4 +1,4 @@
-"""The README's demo command works: real Envoy + extauthz + local JWKS, and its tour passes."""
+"""The README's demo command works: real Envoy + extauthz + ratelimit + local JWKS, and its tour passes."""
 
 import signal
 import subprocess
@@ -21,12 +21,13 @@ def test_demo_tour_passes() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(lines) == 6
+    assert len(lines) == 8  # 6 extauthz steps, the free-tier burst (429 + headers), premium unlimited
     assert all(line.startswith("PASS") for line in lines), done.stdout
+    assert "retry-after:" in done.stdout and "ratelimit-policy:" in done.stdout  # the 429's headers are shown
 
 
 def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
-    """Interactive demo: prints curl lines with a token, then Ctrl-C (SIGINT) stops Envoy and extauthz cleanly."""
+    """Interactive demo: prints curl lines with a token; Ctrl-C (SIGINT) stops Envoy, extauthz and ratelimit cleanly."""
     log = tmp_path / "demo.out"
     with log.open("wb") as sink:
         demo = subprocess.Popen([sys.executable, "-m", "meshgate", "demo"], stdout=sink, stderr=subprocess.STDOUT)
@@ -37,8 +38,9 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         text = log.read_text()
         assert "Try it" in text, text
         assert "curl -i http://127.0.0.1:" in text and "Authorization: Bearer ey" in text
+        assert "for i in $(seq" in text  # the burst that ends in 429
         children = _children(demo.pid)
-        assert children, "demo runs extauthz and Envoy as child processes"
+        assert len(children) >= 3, "demo runs extauthz, ratelimit and Envoy as child processes"
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=30) == 0
     finally:

@@ -1,0 +1,136 @@
+"""Exactness: two ``meshgate serve ratelimit`` processes share one Redis; 64 concurrent gRPC clients hammer them.
+
+Each round starts just after a 1 s window boundary and must finish inside that window (judged on the client's
+clock: the service decides at some instant between a call's send and its reply, so a round bracketed by one window
+was decided in it; a round that spills over is retried, a bounded number of times). Every request carries three
+descriptors, one per algorithm (tests/fixtures/ratelimit/e2e/exactness.yaml), and per descriptor the number of OK
+answers in the round must equal the algorithm's own exact expectation:
+
+- fixed_window, 40/s, the SAME key every round: exactly 40 per window (rounds in different windows also show that
+  a window starts from zero);
+- sliding_window, 40/s, a fresh key per round: in a key's first window the estimate is the current count only, so
+  exactly 40 (later windows of a hammered key depend on the previous window's weight at each instant);
+- token_bucket, burst 40 refilling 1/min, a fresh key per round: the refill is nil within a round, so exactly 40.
+
+Blocked calls are counted (envoyproxy's default), so each descriptor's counting is independent of the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+from meshgate.devservers.service import ServiceProcess
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = Path(__file__).resolve().parent.parent / "fixtures" / "ratelimit" / "e2e" / "exactness.yaml"
+LIMIT = 40  # every algorithm's expectation per round (exactness.yaml)
+CLIENTS = 64
+CALLS_PER_CLIENT = 3  # 192 calls per round: well over the limit
+ALGORITHMS = ("fixed", "sliding", "token")
+START_AFTER_BOUNDARY_S = 0.02
+MAX_ATTEMPTS_PER_ROUND = 4
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
+
+
+@dataclass
+class Servers:
+    ports: list[int]
+    services: list[ServiceProcess]
+
+
+@pytest.fixture(scope="module", params=[("standalone", 3), ("cluster", 1)], ids=["standalone", "cluster"])
+def servers(request: pytest.FixtureRequest) -> Iterator[tuple[Servers, int]]:
+    kind, rounds = request.param
+    url = str(request.getfixturevalue(f"redis_{kind}_url"))
+    env = {**os.environ, "MESHGATE_BACKEND_TIMEOUT_S": "2"}  # a loaded 2-core machine is slow, not down
+    args = ["ratelimit", "--config", str(CONFIG), "--backend", url, "--drain-seconds", "0.1"]
+    with ServiceProcess(args, env=env) as first, ServiceProcess(args, env=env) as second:
+        yield Servers([first.ports["grpc_port"], second.ports["grpc_port"]], [first, second]), rounds
+
+
+def _request(run: str, round_id: str) -> rls_pb2.RateLimitRequest:
+    def descriptor(key: str, value: str) -> ratelimit_pb2.RateLimitDescriptor:
+        return ratelimit_pb2.RateLimitDescriptor(
+            entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=key, value=value)]
+        )
+
+    return rls_pb2.RateLimitRequest(
+        domain="exact",
+        descriptors=[descriptor("fixed", run), descriptor("sliding", round_id), descriptor("token", round_id)],
+    )
+
+
+async def _sleep_to_next_window() -> float:
+    """Sleep until just after the next 1 s boundary; return that window's end (epoch seconds)."""
+    now = time.time()
+    start = float(int(now) + 1)
+    await asyncio.sleep(start - now + START_AFTER_BOUNDARY_S)
+    return start + 1.0
+
+
+async def _round(stubs: list[rls_pb2_grpc.RateLimitServiceStub], run: str) -> tuple[list[int], bool, float]:
+    """One round: OK counts per algorithm, whether every call was decided inside one window, its duration."""
+    round_id = f"{run}-{uuid.uuid4().hex[:8]}"
+    request = _request(run, round_id)
+    window_end = await _sleep_to_next_window()
+    window_start = window_end - 1.0
+    first_send = time.time()
+
+    async def client(index: int) -> list[list[int]]:
+        stub = stubs[index % len(stubs)]
+        codes = []
+        for _ in range(CALLS_PER_CLIENT):
+            reply = await stub.ShouldRateLimit(request, timeout=5)
+            codes.append([status.code for status in reply.statuses])
+        return codes
+
+    results = await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    last_reply = time.time()
+    inside = window_start <= first_send and last_reply < window_end
+    allowed = [0] * len(ALGORITHMS)
+    for codes in results:
+        for statuses in codes:
+            assert set(statuses) <= {OK, OVER}, statuses
+            for index, code in enumerate(statuses):
+                allowed[index] += code == OK
+    return allowed, inside, last_reply - first_send
+
+
+async def test_allowed_per_window_equals_the_limit(servers: tuple[Servers, int]) -> None:
+    cluster, rounds = servers
+    run = uuid.uuid4().hex[:8]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in cluster.ports]
+    try:
+        stubs = [rls_pb2_grpc.RateLimitServiceStub(channel) for channel in channels]
+        for stub in stubs:  # connect and warm both servers outside the measured windows (a key of its own)
+            await stub.ShouldRateLimit(_request(f"warm-{run}", f"warm-{run}"), timeout=5)
+        outcomes: list[tuple[list[int], float]] = []
+        for _ in range(rounds):
+            for _attempt in range(MAX_ATTEMPTS_PER_ROUND):
+                allowed, inside, seconds = await _round(stubs, run)
+                if inside:
+                    outcomes.append((allowed, seconds))
+                    break
+            else:
+                pytest.fail(f"no round of {CLIENTS * CALLS_PER_CLIENT} calls fit in a 1 s window")
+    finally:
+        for channel in channels:
+            await channel.close()
+    for allowed, seconds in outcomes:
+        print(f"round: allowed per algorithm {dict(zip(ALGORITHMS, allowed, strict=True))} in {seconds:.2f} s")
+    assert [allowed for allowed, _ in outcomes] == [[LIMIT] * len(ALGORITHMS)] * rounds
+    assert all(service.proc.poll() is None for service in cluster.services)
