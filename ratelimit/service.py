@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ratelimit import headers as rl_headers
@@ -106,6 +107,24 @@ class OverLimitCache:
         self._until.clear()
 
 
+PLAN_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Everything about a request that depends only on it and the config: built once per (request, config)."""
+
+    request: RateLimitRequest
+    config: ConfigView
+    hits: tuple[Hit, ...]
+    owners: tuple[int, ...]  # descriptor index of each hit
+    costs: tuple[int, ...]
+    shadows: tuple[bool, ...]
+    quota: tuple[bool, ...]
+    rule_stats: tuple[RuleStats | None, ...]
+    no_limit: RateLimitResponse
+
+
 def _cacheable(hit: Hit) -> bool:
     return hit.limit.algorithm is Algorithm.FIXED_WINDOW and not hit.shadow
 
@@ -139,6 +158,7 @@ class RateLimitService:
         self.local_cache: OverLimitCache | None = (local_cache or OverLimitCache()) if use_local_cache else None
         self._stats = stats if stats is not None else metrics.RULE_STATS
         self._shadow_log_interval_s = shadow_log_interval_s
+        self._plans: dict[int, _Plan] = {}
         self._backend_seconds = metrics.BACKEND_SECONDS.labels(backend_name)
         self._backend_errors = metrics.BACKEND_ERRORS.labels(backend_name)
 
@@ -157,6 +177,42 @@ class RateLimitService:
     # -- the decision ----------------------------------------------------------------------------------------
     async def _decide(self, request: RateLimitRequest) -> RateLimitResponse:
         config = self._get_config()
+        plan = self._plan_for(config, request)
+        if not plan.hits:
+            return plan.no_limit
+        hits = plan.hits
+        now = self._clock()
+        cached = self._from_cache(hits, now)
+        degraded: str | None = None
+        try:
+            outcomes = await self._call_backend(hits, cached, now)
+        except BackendUnavailable:
+            domain_config = config.domains.get(request.domain)
+            degraded = domain_config.on_backend_error if domain_config is not None else None
+            if degraded not in ("allow", "deny"):
+                raise
+            outcomes = [Outcome(over=degraded == "deny", remaining=0, reset_s=0.0) for _ in hits]
+        else:
+            self._remember_exhausted(hits, outcomes, cached, now)
+
+        return self._answer(plan, outcomes, cached, now, degraded=degraded is not None)
+
+    def _plan_for(self, config: ConfigView, request: RateLimitRequest) -> _Plan:
+        """The request's hits, reused while the same request object meets the same config.
+
+        The gRPC adapter hands out one model object per distinct request (it caches parsed requests by their
+        bytes), so for the repeated descriptors of real traffic lookups, keys and hits are built once.
+        """
+        plan = self._plans.get(id(request))
+        if plan is not None and plan.request is request and plan.config is config:
+            return plan
+        plan = self._plan(config, request)
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[id(request)] = plan
+        return plan
+
+    def _plan(self, config: ConfigView, request: RateLimitRequest) -> _Plan:
         domain = request.domain
         descriptors = request.descriptors
         rules = [self._rule_for(config, domain, descriptor) for descriptor in descriptors]
@@ -190,35 +246,16 @@ class RateLimitService:
                 # A quota-mode limit never refuses, so like a shadow hit it must not block the others.
                 hits.append(Hit(key, limit, cost, rule.count_blocked, shadow or rule.quota_mode))
                 owners.append(index)
-        if not hits:
-            return RateLimitResponse(Code.OK, tuple(_NO_LIMIT for _ in descriptors))
-
-        now = self._clock()
-        cached = self._from_cache(hits, now)
-        degraded: str | None = None
-        try:
-            outcomes = await self._call_backend(hits, cached, now)
-        except BackendUnavailable:
-            domain_config = config.domains.get(domain)
-            degraded = domain_config.on_backend_error if domain_config is not None else None
-            if degraded not in ("allow", "deny"):
-                raise
-            outcomes = [Outcome(over=degraded == "deny", remaining=0, reset_s=0.0) for _ in hits]
-        else:
-            self._remember_exhausted(hits, outcomes, cached, now)
-
-        return self._answer(
-            request,
-            hits,
-            owners,
-            outcomes,
-            cached,
-            costs,
-            shadows,
-            quota,
-            rule_stats,
-            now,
-            degraded=degraded is not None,
+        return _Plan(
+            request=request,
+            config=config,
+            hits=tuple(hits),
+            owners=tuple(owners),
+            costs=tuple(costs),
+            shadows=tuple(shadows),
+            quota=tuple(quota),
+            rule_stats=tuple(rule_stats),
+            no_limit=RateLimitResponse(Code.OK, tuple(_NO_LIMIT for _ in descriptors)),
         )
 
     def _rule_for(self, config: ConfigView, domain: str, descriptor: Descriptor) -> Rule | None:
@@ -314,20 +351,15 @@ class RateLimitService:
 
     def _answer(
         self,
-        request: RateLimitRequest,
-        hits: Sequence[Hit],
-        owners: Sequence[int],
+        plan: _Plan,
         outcomes: Sequence[Outcome],
         cached: Sequence[Outcome | None] | None,
-        costs: Sequence[int],
-        shadows: Sequence[bool],
-        quota: Sequence[bool],
-        rule_stats: Sequence[RuleStats | None],
         now: float,
         *,
         degraded: bool,
     ) -> RateLimitResponse:
-        count = len(request.descriptors)
+        hits, owners, shadows, quota = plan.hits, plan.owners, plan.shadows, plan.quota
+        count = len(plan.request.descriptors)
         best: list[tuple[Limit, Outcome, bool] | None] = [None] * count  # decisive (limit, outcome, from cache)
         for position, (hit, outcome) in enumerate(zip(hits, outcomes, strict=True)):
             index = owners[position]
@@ -354,9 +386,9 @@ class RateLimitService:
             statuses.append(
                 DescriptorStatus(code, limit, max(0, outcome.remaining), max(0.0, outcome.reset_s), over and shadow)
             )
-            stats = rule_stats[index]
+            stats = plan.rule_stats[index]
             if stats is not None and not degraded:
-                self._count(stats, limit, outcome, costs[index], shadow=shadow, from_cache=from_cache, now=now)
+                self._count(stats, limit, outcome, plan.costs[index], shadow=shadow, from_cache=from_cache, now=now)
 
         if self.headers == "off":
             return RateLimitResponse(overall, tuple(statuses))

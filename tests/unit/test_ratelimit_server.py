@@ -19,7 +19,7 @@ from ratelimit import server
 from ratelimit.backends.base import Hit, Outcome
 from ratelimit.config import parse_config
 from ratelimit.metrics import RuleStatsCollector
-from ratelimit.model import Code, Descriptor, DescriptorStatus, Entry, Limit, RateLimitResponse, Unit
+from ratelimit.model import Code, Descriptor, DescriptorStatus, Entry, Limit, RateLimitRequest, RateLimitResponse, Unit
 from ratelimit.service import RateLimitService
 from tests.unit.test_ratelimit_service import Clock, Recording, real_backend
 
@@ -209,3 +209,17 @@ async def test_deadline_bug_and_bad_input_never_hang(served: Served) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(served, rls_pb2.RateLimitRequest(domain="", descriptors=[descriptor(("a", "b"))]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_request_parser_reuses_models_and_never_raises() -> None:
+    parse = server.RequestParser(size=2)
+    data = rls_pb2.RateLimitRequest(domain="shop", descriptors=[descriptor(("user", "a"))]).SerializeToString()
+    first = parse(data)
+    assert isinstance(first, RateLimitRequest)
+    assert parse(bytes(data)) is first  # equal bytes, same model: the service reuses its plan for it
+    assert isinstance(parse(b"\xff\xff\xff"), server.BadRequest)
+    empty = rls_pb2.RateLimitRequest(domain="", descriptors=[descriptor(("a", "b"))]).SerializeToString()
+    assert isinstance(parse(empty), server.BadRequest)
+    for user in ("b", "c", "d"):  # bounded
+        parse(rls_pb2.RateLimitRequest(domain="shop", descriptors=[descriptor(("user", user))]).SerializeToString())
+    assert len(parse._parsed) <= 2

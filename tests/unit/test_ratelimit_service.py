@@ -11,7 +11,7 @@ from meshgate.yamlconf import loads
 from ratelimit import metrics
 from ratelimit.backends.base import BackendUnavailable, CounterBackend, Hit, Outcome
 from ratelimit.backends.memory import MemoryBackend
-from ratelimit.config import RateLimitConfig, build_config
+from ratelimit.config import RateLimitConfig, build_config, parse_config
 from ratelimit.metrics import RuleStatsCollector
 from ratelimit.model import (
     Code,
@@ -423,3 +423,28 @@ def test_metrics_collect_exposes_envoyproxy_names() -> None:
 def test_rejects_a_bad_near_limit_ratio() -> None:
     with pytest.raises(ValueError, match="near_limit_ratio"):
         make(near_limit_ratio=0)
+
+
+async def test_plan_is_reused_per_request_object_and_config() -> None:
+    config = parse_config(CONFIG_FOR_PLANS)
+    current = {"config": config}
+    service = RateLimitService(lambda: current["config"], MemoryBackend(), clock=lambda: 1000.0)
+    request = RateLimitRequest("shop", (Descriptor((Entry("user", "a"),)),))
+    await service.should_rate_limit(request)
+    plan = service._plans[id(request)]
+    await service.should_rate_limit(request)
+    assert service._plans[id(request)] is plan
+    current["config"] = parse_config(CONFIG_FOR_PLANS)  # a reload: plans are rebuilt against the new config
+    await service.should_rate_limit(request)
+    assert service._plans[id(request)] is not plan
+    equal = RateLimitRequest("shop", (Descriptor((Entry("user", "a"),)),))
+    answer = await service.should_rate_limit(equal)
+    assert answer.statuses[0].remaining == 1  # one counter whatever the object: 5 per minute, 4th hit
+
+
+CONFIG_FOR_PLANS = """\
+domain: shop
+descriptors:
+  - key: user
+    rate_limit: {unit: minute, requests_per_unit: 5}
+"""
