@@ -1,8 +1,9 @@
-"""Do-nothing ext_authz servers: the cost of each transport alone, the floor our services are compared with.
+"""Do-nothing servers: the cost of each transport alone, the floor our services are compared with.
 
 ``python -m bench.floors grpc --port N``: grpc.aio Authorization server answering OK to every Check.
 ``python -m bench.floors http --port N``: raw asyncio protocol + httptools answering 200 to every request.
-Both on uvloop, both print ``floor-<kind> listening on HOST:PORT`` once serving.
+``python -m bench.floors rls --port N``: grpc.aio RateLimitService answering OK to every ShouldRateLimit.
+All on uvloop, all print ``floor-<kind> listening on HOST:PORT`` once serving.
 """
 
 from __future__ import annotations
@@ -17,15 +18,23 @@ import grpc
 import httptools
 import uvloop
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import status_pb2
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
+# No statuses: a do-nothing RLS (Envoy then adds no X-RateLimit headers); the cost measured is the call alone.
+_RLS_OK = rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
 _HTTP_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 
 class _AllowAll(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     async def Check(self, request: Any, context: Any) -> Any:
         return _OK
+
+
+class _NeverLimit(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
+        return _RLS_OK
 
 
 class _HttpAllow(asyncio.Protocol):
@@ -58,12 +67,15 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve_grpc(host: str, port: int) -> None:
+async def serve_grpc(host: str, port: int, kind: str = "grpc") -> None:
     server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_AllowAll(), server)
+    if kind == "rls":
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(_NeverLimit(), server)
+    else:
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_AllowAll(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    print(f"floor-grpc listening on {host}:{bound}", flush=True)
+    print(f"floor-{kind} listening on {host}:{bound}", flush=True)
     await _wait_for_signal()
     await server.stop(grace=1)
 
@@ -77,12 +89,14 @@ async def serve_http(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__)
-    parser.add_argument("kind", choices=("grpc", "http"))
+    parser.add_argument("kind", choices=("grpc", "http", "rls"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    serve = serve_grpc if args.kind == "grpc" else serve_http
-    uvloop.run(serve(args.host, args.port))
+    if args.kind == "http":
+        uvloop.run(serve_http(args.host, args.port))
+    else:
+        uvloop.run(serve_grpc(args.host, args.port, args.kind))
 
 
 if __name__ == "__main__":

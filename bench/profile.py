@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import loadgen
+from bench import runner as runner_mod
 from bench.issuer import BenchIssuer
 from bench.scenarios import REQUEST_PATH, SCENARIOS, RunContext
 
@@ -169,7 +171,26 @@ def _scenario(target: str) -> str:
     return f"extauthz-{target}" if target in ("grpc", "http") else target
 
 
-def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | None) -> str:
+def _coalescing_counts(stack: runner_mod.Stack, redis_url: str) -> tuple[int, int, float]:
+    """(Envoy's RLS calls answered, Redis script calls, Redis µs in scripts) so far."""
+    from bench import runner
+
+    if not redis_url:
+        return (0, 0, 0.0)
+    rls = runner._envoy_stats(stack.envoy).get("cluster.upstream.ratelimit.ok", 0)
+    stats = runner.redis_commandstats(redis_url)
+    scripts = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
+    return rls, sum(int(s.get("calls", 0)) for s in scripts), sum(float(s.get("usec", 0)) for s in scripts)
+
+
+def _coalescing(before: tuple[int, int, float], after: tuple[int, int, float]) -> str:
+    rls, calls, usec = (a - b for a, b in zip(after, before, strict=True))
+    per = f"{rls / calls:.2f}" if calls else "-"
+    cost = f"{usec / calls:.1f}" if calls else "-"
+    return f"coalescing: {rls:.0f} RLS calls -> {calls:.0f} Redis script calls ({per} requests/call; {cost} µs each)"
+
+
+def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | None, service: int = -1) -> str:
     from bench import runner
     from tests.support.ports import free_port
     from tests.support.procs import start
@@ -178,8 +199,12 @@ def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | 
     if py_spy is None:
         raise SystemExit("py-spy not found: pip install py-spy")
     envoy_cpu, svc_cpu = runner._cores()
-    with BenchIssuer() as issuer, tempfile.TemporaryDirectory(prefix="meshgate-profile-") as tmp:
-        ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers())
+    scenario = SCENARIOS[_scenario(transport)]
+    with contextlib.ExitStack() as resources:
+        issuer = resources.enter_context(BenchIssuer())
+        tmp = resources.enter_context(tempfile.TemporaryDirectory(prefix="meshgate-profile-"))
+        redis_url = resources.enter_context(runner._redis_server(svc_cpu)) if scenario.needs_redis else ""
+        ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers(), redis_url=redis_url)
         upstream = start(
             [sys.executable, "-m", "meshgate.devservers.echo", "--port", str(port := free_port())],
             ready_port=port,
@@ -189,19 +214,23 @@ def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | 
         )
         stack = None
         try:
-            stack = runner._start_stack(SCENARIOS[_scenario(transport)], ctx, port, envoy_cpu, svc_cpu)
-            assert stack.service is not None
-            loadgen.run_load(stack.url, rate=rate, duration=2.0, connections=4, headers=stack.headers, cpu=svc_cpu)
+            stack = runner._start_stack(scenario, ctx, port, envoy_cpu, svc_cpu)
+            target = stack.services[service]  # default: the last service (the one a scenario adds)
+            load_rate = rate or None  # 0 = saturation
+            conns = runner._connections(rate) if rate else 16
+            warm = rate or 500
+            loadgen.run_load(stack.url, rate=warm, duration=2.0, connections=4, headers=stack.headers, cpu=svc_cpu)
             out = Path(tmp) / "profile.txt"
-            cmd = [py_spy, "record", "-p", str(stack.service.pid), "-d", f"{max(1, round(duration))}", "-r", "250"]
+            cmd = [py_spy, "record", "-p", str(target.pid), "-d", f"{max(1, round(duration))}", "-r", "250"]
             cmd += ["-f", "raw", "-o", str(out), "--nonblocking", "--threads", *(["--native"] if native else [])]
             if envoy_cpu is not None and shutil.which("taskset"):
                 cmd = ["taskset", "-c", str(envoy_cpu), *cmd]  # off the service's core
+            before = _coalescing_counts(stack, redis_url)
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             try:
                 result = loadgen.run_load(
-                    stack.url, rate=rate, duration=duration, connections=runner._connections(rate),
-                    headers=stack.headers, cpu=svc_cpu,
+                    stack.url, rate=load_rate, duration=duration, connections=conns, headers=stack.headers,
+                    cpu=svc_cpu,
                 )  # fmt: skip
                 _, err = spy.communicate(timeout=duration + 30)
             finally:
@@ -213,7 +242,9 @@ def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | 
             if save is not None:
                 save.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out, save)
-            header = f"{_scenario(transport)} at {rate} rps for {duration:g} s under py-spy: {result}"
+            header = f"{scenario.name} at {rate or 'max'} rps for {duration:g} s under py-spy: {result}"
+            if redis_url:
+                header += "\n" + _coalescing(before, _coalescing_counts(stack, redis_url))
             return header + "\n" + summarize(out.read_text())
         finally:
             if stack is not None:
@@ -227,9 +258,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     micro = sub.add_parser("micro", help="µs per step, in process")
     micro.add_argument("--calls", type=int, default=20_000)
     spy = sub.add_parser("spy", help="py-spy the service behind Envoy under load")
-    targets = ["grpc", "http", *(name for name, s in SCENARIOS.items() if s.service is not None)]
+    targets = ["grpc", "http", *(name for name, s in SCENARIOS.items() if s.services)]
     spy.add_argument("transport", choices=targets, help="grpc/http: extauthz on that transport; or a scenario")
-    spy.add_argument("--rate", type=int, default=2000)
+    spy.add_argument("--rate", type=int, default=2000, help="rps; 0 = saturation (16 connections)")
+    spy.add_argument("--service", type=int, default=-1, help="which of the scenario's services (default: last)")
     spy.add_argument("--duration", type=float, default=15.0)
     spy.add_argument("--native", action="store_true", help="include native (C/Cython) frames")
     spy.add_argument("--save", type=Path, help="also keep py-spy's raw collapsed stacks here")
@@ -240,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         if args.duration <= 0 or args.duration > 120:
             parser.error("--duration must be in (0, 120]")
-        print(_spy(args.transport, args.rate, args.duration, args.native, args.save))
+        print(_spy(args.transport, args.rate, args.duration, args.native, args.save, args.service))
 
 
 if __name__ == "__main__":

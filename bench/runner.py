@@ -1,7 +1,7 @@
 """Boot every scenario's stack once, then drive them alternately for several rounds and report medians.
 
-Layout (2+ cores): Envoy on core 0; the upstream, the authz service and the load generator on core 1. Loopback
-hops between cores cost ~0.1 ms here, so the layout is stated with every result.
+Layout (2+ cores): Envoy on core 0; the upstream, the services (and Redis) and the load generator on core 1.
+Loopback hops between cores cost ~0.1 ms here, so the layout is stated with every result.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,15 @@ from typing import Any
 from bench import loadgen
 from bench.issuer import BenchIssuer
 from bench.loadgen import LoadResult
-from bench.scenarios import BASELINE, FLOOR, REQUEST_PATH, SCENARIOS, RunContext, Scenario
+from bench.scenarios import (
+    BASELINE,
+    RATELIMIT_CONFIG,
+    RATELIMIT_PATH,
+    REQUEST_PATH,
+    SCENARIOS,
+    RunContext,
+    Scenario,
+)
 from meshgate.envoy import EnvoyProcess, envoy_version, render
 from tests.support.ports import free_port
 from tests.support.procs import Proc, start
@@ -49,10 +61,11 @@ class Options:
 class Stack:
     scenario: Scenario
     envoy: EnvoyProcess
-    service: Proc | None
+    services: list[Proc]
     url: str
     headers: Mapping[str, str]
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # "500" / "saturation" -> per round
+    envoy_stats: dict[str, int] = field(default_factory=dict)  # the filters' counters after all runs
 
 
 def _cores() -> tuple[int | None, int | None]:
@@ -67,23 +80,23 @@ def _connections(rate: int) -> int:
 def _start_stack(
     scn: Scenario, ctx: RunContext, upstream_port: int, envoy_cpu: int | None, svc_cpu: int | None
 ) -> Stack:
-    values: dict[str, object] = {"listen_port": 0, "upstream_port": upstream_port}
-    service = None
-    if scn.service is not None:
-        port = free_port()
-        service = start(
-            scn.service(port, ctx), ready_port=port, timeout=30, cpu=svc_cpu, env=scn.env, cwd=REPO_ROOT, name=scn.name
-        )
-        values["authz_port"] = port
+    values: dict[str, object] = {**scn.values, "listen_port": 0, "upstream_port": upstream_port}
+    services: list[Proc] = []
     envoy = EnvoyProcess(cpu=envoy_cpu)
     try:
+        for svc in scn.services:
+            port = free_port()
+            cmd, name = svc.command(port, ctx), f"{scn.name}-{svc.port_key}"
+            services.append(start(cmd, ready_port=port, timeout=30, cpu=svc_cpu, env=svc.env, cwd=REPO_ROOT, name=name))
+            values[svc.port_key] = port
         envoy.start(render(scn.template, **values))
+        stack = Stack(scn, envoy, services, f"http://127.0.0.1:{envoy.listener_port()}{scn.path}", scn.headers(ctx))
+        _sanity_check(stack)
     except BaseException:
-        if service is not None:
-            service.cleanup()
+        envoy.stop()
+        for proc in services:
+            proc.cleanup()
         raise
-    stack = Stack(scn, envoy, service, f"http://127.0.0.1:{envoy.listener_port()}{scn.path}", scn.headers(ctx))
-    _sanity_check(stack)
     return stack
 
 
@@ -95,16 +108,73 @@ def _sanity_check(stack: Stack) -> None:
             status = resp.status
     except urllib.error.HTTPError as exc:
         status = exc.code
+    tail = "\n".join(p.tail() for p in stack.services) or stack.envoy.stderr_tail()
     if status != 200:
-        tail = stack.service.tail() if stack.service else stack.envoy.stderr_tail()
         raise RuntimeError(f"{stack.scenario.name}: first request got {status}, expected 200\n{tail}")
+    stats = _envoy_stats(stack.envoy)
+    missing = [name for name in stack.scenario.expect_stats if stats.get(name, 0) <= 0]
+    if missing:
+        raise RuntimeError(f"{stack.scenario.name}: no Envoy count of {', '.join(missing)}: service not called\n{tail}")
+
+
+_STATS_FILTER = r"^(cluster\.upstream\.ratelimit\.|http\.ingress\.ext_authz\.)"
+
+
+def _envoy_stats(envoy: EnvoyProcess) -> dict[str, int]:
+    """The ratelimit and ext_authz filters' counters (ok / error / failure_mode_allowed / over_limit ...)."""
+    out: dict[str, int] = {}
+    for line in envoy.admin_get(f"/stats?filter={urllib.parse.quote(_STATS_FILTER)}").splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
+@contextlib.contextmanager
+def _redis_server(cpu: int | None) -> Iterator[str]:
+    """A throw-away redis-server on a free loopback port, on the service core, without persistence."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (apt-get install -y redis-server)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="meshgate-bench-redis-") as tmp:
+        cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+        proc = start(cmd, ready_port=port, timeout=15, cpu=cpu, name="redis")
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.cleanup()
+
+
+def redis_commandstats(url: str) -> dict[str, dict[str, float]]:
+    """Redis's per-command counters (calls, usec_per_call ...): EVALSHA calls / Envoy's RLS calls shows how far
+    the backend coalesces concurrent requests into one script call."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        stats: dict[str, dict[str, float]] = client.info("commandstats")
+        return stats
+    finally:
+        client.close()
+
+
+def redis_version() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return ""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    found = re.search(r"v=(\S+)", out.stdout)
+    return found[1] if found else out.stdout.strip()
 
 
 def _stop(stacks: Sequence[Stack]) -> None:
     for stack in stacks:
+        with contextlib.suppress(Exception):
+            stack.envoy_stats = _envoy_stats(stack.envoy)
         stack.envoy.stop()
-        if stack.service is not None:
-            stack.service.cleanup()
+        for proc in stack.services:
+            proc.cleanup()
 
 
 def _median(results: Sequence[LoadResult]) -> dict[str, float]:
@@ -146,8 +216,11 @@ def run(opts: Options) -> dict[str, Any]:
         if any(SCENARIOS[n].needs_issuer for n in names):
             issuer = resources.enter_context(BenchIssuer())
             ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers())
+        if any(SCENARIOS[n].needs_redis for n in names):
+            ctx = RunContext(ctx.policy, ctx.auth_headers, resources.enter_context(_redis_server(svc_cpu)))
         stacks = _drive(opts, names, ctx, envoy_cpu, svc_cpu)
-    return _report(opts, names, stacks, tool, envoy_cpu, svc_cpu)
+        redis_stats = redis_commandstats(ctx.redis_url) if ctx.redis_url else {}
+    return _report(opts, names, stacks, tool, envoy_cpu, svc_cpu, redis_stats)
 
 
 def _drive(
@@ -191,11 +264,17 @@ def _drive(
 
 
 def _report(
-    opts: Options, names: Sequence[str], stacks: Sequence[Stack], tool: str, envoy_cpu: int | None, svc_cpu: int | None
+    opts: Options,
+    names: Sequence[str],
+    stacks: Sequence[Stack],
+    tool: str,
+    envoy_cpu: int | None,
+    svc_cpu: int | None,
+    redis_stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     scenarios = {s.scenario.name: {k: _median(v) for k, v in s.runs.items()} for s in stacks}
     layout = (
-        f"envoy: core {envoy_cpu}; upstream, authz service, load generator: core {svc_cpu} (taskset)"
+        f"envoy: core {envoy_cpu}; upstream, services, redis-server, load generator: core {svc_cpu} (taskset)"
         if envoy_cpu is not None
         else "unpinned (single core)"
     )
@@ -213,9 +292,19 @@ def _report(
             "extauthz": "JWT RS256 (2048-bit key from a local JWKS server) + bench/policy-20-rules.yaml (admitted by "
             "rule 15); one token minted per run and reused by every request, as real clients reuse tokens, so the "
             "verified-token cache serves all but the first request",
+            "ratelimit": f"GET {RATELIMIT_PATH} with x-user through envoy/ratelimit.yaml: 3 descriptors per request "
+            f"(generic_key, user, path) against {RATELIMIT_CONFIG.relative_to(REPO_ROOT)} (limits never reached); "
+            "'both': extauthz (gRPC) + ratelimit (memory) through envoy/extauthz-ratelimit.yaml, 1 descriptor "
+            "(tier, sub) from ext_authz metadata",
+            "redis": f"redis-server {redis_version()} --save '' --appendonly no, on the service core"
+            if any(SCENARIOS[n].needs_redis for n in names)
+            else "",
         },
         "scenarios": scenarios,
-        "comparisons": compare(scenarios, {n: SCENARIOS[n].transport for n in names}),
+        "references": {n: SCENARIOS[n].reference for n in names},
+        "comparisons": compare(scenarios, {n: SCENARIOS[n].reference for n in names}),
+        "envoy_stats": {s.scenario.name: s.envoy_stats for s in stacks},
+        "redis_commandstats": dict(redis_stats or {}),  # whole run, warm-up included
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     path = opts.out_dir / f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -225,27 +314,35 @@ def _report(
 
 
 def compare(
-    scenarios: Mapping[str, Mapping[str, Mapping[str, float]]], transports: Mapping[str, str]
+    scenarios: Mapping[str, Mapping[str, Mapping[str, float]]], references: Mapping[str, str | None]
 ) -> dict[str, dict[str, float | None]]:
-    """Added latency over passthrough, and its ratio to the same transport's floor; saturation vs the floor."""
+    """Per scenario, against its reference scenario (``references``: name -> reference name or None):
+
+    ``<load>_added_<q>_ms``: latency added over BASELINE at the same load; ``<load>_x_ref_<q>``: that added latency
+    / the reference's (None when the reference adds nothing, e.g. BASELINE itself); ``<load>_raw_x_ref_<q>``: the
+    plain latency ratio (issue 3's Redis-vs-memory p99 target); ``saturation_x_ref``: saturation rps ratio.
+    """
     out: dict[str, dict[str, float | None]] = {}
     base = scenarios.get(BASELINE)
     for name, runs in scenarios.items():
-        floor = scenarios.get(FLOOR.get(transports.get(name, ""), ""))
+        ref_name = references.get(name)
+        ref = scenarios.get(ref_name) if ref_name else None
         row: dict[str, float | None] = {}
         for key, med in runs.items():
             if key == "saturation":
-                if floor and "saturation" in floor and floor["saturation"]["rps"]:
-                    row["saturation_x_floor"] = med["rps"] / floor["saturation"]["rps"]
-                continue
-            if base is None or key not in base:
+                if ref and "saturation" in ref and ref["saturation"]["rps"]:
+                    row["saturation_x_ref"] = med["rps"] / ref["saturation"]["rps"]
                 continue
             for q in ("p50", "p99"):
+                if ref and key in ref and ref[key][f"{q}_ms"] > 0:
+                    row[f"{key}_raw_x_ref_{q}"] = med[f"{q}_ms"] / ref[key][f"{q}_ms"]
+                if base is None or key not in base:
+                    continue
                 added = med[f"{q}_ms"] - base[key][f"{q}_ms"]
                 row[f"{key}_added_{q}_ms"] = added
-                if floor and key in floor:
-                    floor_added = floor[key][f"{q}_ms"] - base[key][f"{q}_ms"]
-                    row[f"{key}_x_floor_{q}"] = added / floor_added if floor_added > 0 else None
+                if ref and key in ref:
+                    ref_added = ref[key][f"{q}_ms"] - base[key][f"{q}_ms"]
+                    row[f"{key}_x_ref_{q}"] = added / ref_added if ref_added > 0 else None
         out[name] = row
     return out
 
@@ -260,32 +357,36 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def table(report: Mapping[str, Any]) -> str:
-    """The human summary: one row per scenario and load."""
+    """The human summary: one row per scenario and load, with its reference scenario (``vs``)."""
     lines = [
         f"machine: {report['machine']['cpu_model']}, {report['machine']['nproc']} cores, "
         f"python {report['machine']['python']}, envoy {_short_version(report['machine']['envoy'])}",
         f"layout: {report['layout']}; load generator: {report['load_generator']}",
         f"medians of {report['settings']['rounds']} rounds x {report['settings']['duration']:g} s",
         "",
-        f"{'scenario':<15} {'load':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'rps':>9} {'errors':>7} "
-        f"{'+p50 ms':>8} {'+p99 ms':>8} {'xfl p50':>8} {'xfl p99':>8} {'sat xfl':>8}",
+        f"{'scenario':<16} {'load':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'rps':>6} {'err':>4} "
+        f"{'+p50':>6} {'+p99':>6} {'vs':<16} {'x+p50':>6} {'x+p99':>6} {'x p99':>6} {'sat x':>6}",
     ]
+    references = report.get("references", {})
     for name, runs in report["scenarios"].items():
         cmp_row = report["comparisons"].get(name, {})
+        ref = references.get(name) or "-"
         for key, med in runs.items():
             sat = key == "saturation"
             lines.append(
-                f"{name:<15} {('max' if sat else key + ' rps'):>10} {med['p50_ms']:>8.3f} {med['p90_ms']:>8.3f} "
-                f"{med['p99_ms']:>8.3f} {med['rps']:>9.0f} {med['errors']:>7.0f} "
-                f"{_fmt(cmp_row.get(f'{key}_added_p50_ms'), '8.3f'):>8} "
-                f"{_fmt(cmp_row.get(f'{key}_added_p99_ms'), '8.3f'):>8} "
-                f"{_fmt(cmp_row.get(f'{key}_x_floor_p50'), '8.2f'):>8} "
-                f"{_fmt(cmp_row.get(f'{key}_x_floor_p99'), '8.2f'):>8} "
-                f"{_fmt(cmp_row.get('saturation_x_floor') if sat else None, '8.2f'):>8}"
+                f"{name:<16} {('max' if sat else key + ' rps'):>9} {med['p50_ms']:>7.3f} {med['p90_ms']:>7.3f} "
+                f"{med['p99_ms']:>7.3f} {med['rps']:>6.0f} {med['errors']:>4.0f} "
+                f"{_fmt(cmp_row.get(f'{key}_added_p50_ms'), '6.3f'):>6} "
+                f"{_fmt(cmp_row.get(f'{key}_added_p99_ms'), '6.3f'):>6} {ref:<16} "
+                f"{_fmt(cmp_row.get(f'{key}_x_ref_p50'), '6.2f'):>6} "
+                f"{_fmt(cmp_row.get(f'{key}_x_ref_p99'), '6.2f'):>6} "
+                f"{_fmt(cmp_row.get(f'{key}_raw_x_ref_p99'), '6.2f'):>6} "
+                f"{_fmt(cmp_row.get('saturation_x_ref') if sat else None, '6.2f'):>6}"
             )
     lines += [
         "",
-        "+p50/+p99: added over passthrough at the same load; xfl: that added latency / its transport floor's;",
-        "sat xfl: saturation rps / its transport floor's (saturation shares core 1 with the load generator).",
+        "+p50/+p99 (ms): added over passthrough at the same load; vs: the scenario compared with;",
+        "x+p50/x+p99: added latency / vs's added latency; x p99: p99 / vs's p99; sat x: saturation rps / vs's",
+        "(saturation shares core 1 with the load generator).",
     ]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The scenario table. Adding a scenario = one entry in SCENARIOS (and its name in DEFAULT if it should run by
-default): the Envoy template, the transport whose floor it is compared with, the service command (given the port
-the harness picked and the run's context), and the request headers.
+default): the Envoy template, the scenario it is compared with (``reference``), the services it runs (each given
+the port the harness picked and the run's context, and the template placeholder that receives that port), and the
+request it sends.
 """
 
 from __future__ import annotations
@@ -13,43 +14,68 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 POLICY = BENCH_DIR / "policy-20-rules.yaml"
 POLICY_ISSUER = "http://127.0.0.1/bench"  # placeholder in POLICY, replaced by bench/issuer.py at run time
-REQUEST_PATH = "/api/v1/items/42"  # admitted by POLICY's rule 15 (items-read); every scenario sends it
+REQUEST_PATH = "/api/v1/items/42"  # admitted by POLICY's rule 15 (items-read); the extauthz scenarios send it
+RATELIMIT_CONFIG = BENCH_DIR / "ratelimit"  # descriptor config dir (domain "bench"), limits never reached
+RATELIMIT_DOMAIN = "bench"
+# Through envoy/ratelimit.yaml this request carries 3 descriptors: (generic_key=api), (user=bench-user),
+# (path=reports) (the template's path action matches the /reports prefix).
+RATELIMIT_PATH = "/reports/2026/11"
+RATELIMIT_HEADERS: Mapping[str, str] = {"x-user": "bench-user"}
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """What one bench invocation sets up once for all scenarios: the rendered policy and the request headers."""
+    """What one bench invocation sets up once for all scenarios: the policy, request headers, a Redis."""
 
     policy: Path = POLICY
     auth_headers: Mapping[str, str] = field(default_factory=dict)  # the token, minted once per run
+    redis_url: str = ""  # the bench's redis-server, when a scenario needs one
 
 
 Command = Callable[[int, RunContext], list[str]]  # (port, context) -> argv
+
+
+@dataclass(frozen=True)
+class Service:
+    """One process behind Envoy; its port fills the template placeholder ``port_key``."""
+
+    port_key: str  # "authz_port" | "ratelimit_port"
+    command: Command
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment
 
 
 def _auth_headers(ctx: RunContext) -> Mapping[str, str]:
     return ctx.auth_headers
 
 
+def _ratelimit_headers(ctx: RunContext) -> Mapping[str, str]:
+    return RATELIMIT_HEADERS
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    template: str  # envoy/<template>.yaml; rendered with listen_port, upstream_port and (if a service) authz_port
-    transport: str  # "none" (baseline) | "grpc" | "http": picks the floor for ratios
-    service: Command | None = None  # the authz service, run on the service core; None = no service
-    # Every scenario sends the same request (with the bearer token), so the only difference is the service.
+    template: str  # envoy/<template>.yaml; rendered with listen_port, upstream_port, each service's port, values
+    # The scenario this one is compared with: ratios of added latency (over BASELINE) and of saturation rps.
+    # None = no ratio (BASELINE itself; a reference of BASELINE gives saturation ratio and added latency only).
+    reference: str | None = None
+    services: tuple[Service, ...] = ()  # run on the service core, in this order
     headers: Callable[[RunContext], Mapping[str, str]] = _auth_headers
     path: str = REQUEST_PATH
-    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for the service
+    values: Mapping[str, object] = field(default_factory=dict)  # extra template placeholders
     needs_issuer: bool = True  # the run starts the bench JWKS issuer (mints the token) and renders the policy
+    needs_redis: bool = False  # the run starts a redis-server (ctx.redis_url) on the service core
+    # Envoy counters that must be > 0 after the first request: proof the filter really called the service
+    # (the ratelimit filter fails open, so a broken service would otherwise look fast).
+    expect_stats: tuple[str, ...] = ()
 
 
 def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def _floor(transport: str) -> Command:
-    return lambda port, ctx: _py("bench.floors", transport, "--port", str(port))
+def _floor(kind: str) -> Command:
+    return lambda port, ctx: _py("bench.floors", kind, "--port", str(port))
 
 
 def _meshgate_extauthz(transport: str) -> Command:
@@ -66,17 +92,55 @@ def _meshgate_extauthz(transport: str) -> Command:
     return command
 
 
-FLOOR = {"grpc": "floor-grpc", "http": "floor-http"}
+def _meshgate_ratelimit(backend: str) -> Command:
+    """``meshgate serve ratelimit`` with the bench descriptors; backend "memory" or "redis" (the bench's server)."""
+
+    def command(port: int, ctx: RunContext) -> list[str]:
+        url = ctx.redis_url if backend == "redis" else backend
+        return _py(
+            "meshgate", "serve", "ratelimit", "--config", str(RATELIMIT_CONFIG), "--backend", url,
+            "--grpc-port", str(port), "--admin-port", "-1", "--log-level", "warning",
+        )  # fmt: skip
+
+    return command
+
+
 BASELINE = "passthrough"
+_RL_OK = ("cluster.upstream.ratelimit.ok",)
+_AUTHZ_OK = ("http.ingress.ext_authz.ok",)
+
+
+def _ratelimit(name: str, reference: str, command: Command, *, redis: bool = False) -> Scenario:
+    return Scenario(
+        name, "ratelimit", reference, (Service("ratelimit_port", command),), headers=_ratelimit_headers,
+        path=RATELIMIT_PATH, values={"domain": RATELIMIT_DOMAIN}, needs_issuer=False, needs_redis=redis,
+        expect_stats=_RL_OK,
+    )  # fmt: skip
+
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("passthrough", "passthrough", "none"),
-        Scenario("floor-grpc", "extauthz-grpc", "grpc", _floor("grpc")),
-        Scenario("floor-http", "extauthz-http", "http", _floor("http")),
-        Scenario("extauthz-grpc", "extauthz-grpc", "grpc", _meshgate_extauthz("grpc")),
-        Scenario("extauthz-http", "extauthz-http", "http", _meshgate_extauthz("http")),
+        Scenario("passthrough", "passthrough", needs_issuer=False),
+        Scenario("floor-grpc", "extauthz-grpc", "floor-grpc", (Service("authz_port", _floor("grpc")),)),
+        Scenario("floor-http", "extauthz-http", "floor-http", (Service("authz_port", _floor("http")),)),
+        Scenario("extauthz-grpc", "extauthz-grpc", "floor-grpc", (Service("authz_port", _meshgate_extauthz("grpc")),)),
+        Scenario("extauthz-http", "extauthz-http", "floor-http", (Service("authz_port", _meshgate_extauthz("http")),)),
+        _ratelimit("floor-rls", "floor-rls", _floor("rls")),
+        _ratelimit("ratelimit-memory", "floor-rls", _meshgate_ratelimit("memory")),
+        # issue 3's targets compare the Redis backend with the in-memory one (saturation >= 0.9x, p99 <= 1.2x).
+        _ratelimit("ratelimit-redis", "ratelimit-memory", _meshgate_ratelimit("redis"), redis=True),
+        Scenario(
+            "both",
+            "extauthz-ratelimit",
+            BASELINE,
+            (
+                Service("authz_port", _meshgate_extauthz("grpc")),
+                Service("ratelimit_port", _meshgate_ratelimit("memory")),
+            ),
+            values={"domain": RATELIMIT_DOMAIN},
+            expect_stats=_AUTHZ_OK + _RL_OK,
+        ),
     )
 }
 
