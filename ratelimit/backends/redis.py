@@ -1,9 +1,9 @@
 """Redis counter backend: ``algorithms.HITS_LUA`` by EVALSHA, one round trip per request (per slot on a Cluster).
 
 Throughput: a redis.asyncio call costs ~55-80 us of CPU, most of it client machinery rather than Redis. So the
-script calls of concurrent requests are coalesced: every request queued in one event-loop turn (per Cluster slot)
-goes out as ONE call of a batch wrapper around the same script (each request still atomic; the batch is too).
-A lone request uses the plain script. Measured numbers: see the module's report in the lead's notes / test file.
+script calls of concurrent requests are coalesced: while one call is in flight (per Cluster slot), the requests that
+arrive wait, and leave together as ONE call of a batch wrapper around the same script when it returns (each request
+still atomic; the batch is too). A lone request goes out at once with the plain script.
 
 Failures: every call is bounded by ``timeout_s``; any Redis error or deadline becomes ``BackendUnavailable`` here,
 at this one seam. The client reconnects by itself (meshgate.redis), so the backend works again when Redis returns.
@@ -80,7 +80,17 @@ class _Script:
             return await client.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
-_Pending = tuple[Sequence[str], Sequence[int], "asyncio.Future[Any] | None"]  # None: the leader's own
+_Pending = tuple[Sequence[str], Sequence[int], "asyncio.Future[Any]"]
+
+
+class _SlotQueue:
+    """Per slot: is a script call in flight, and who waits for the next one."""
+
+    __slots__ = ("busy", "waiting")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.waiting: list[_Pending] = []
 
 
 class RedisBackend:
@@ -98,7 +108,8 @@ class RedisBackend:
         self._cluster = target.cluster is not None
         self._single = _Script(HITS_LUA)
         self._batch = _Script(BATCH_LUA)
-        self._queues: dict[int, list[_Pending]] = {}
+        self._queues: dict[int, _SlotQueue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # script calls made, and requests they carried: coalescing at work (tests, bench)
         self.batched_requests = 0
 
@@ -153,47 +164,69 @@ class RedisBackend:
         return list(await asyncio.gather(*calls))
 
     async def _call(self, slot: int, keys: Sequence[str], args: Sequence[int]) -> Any:
-        """Run one request's script call, coalesced with the others queued for ``slot`` in this loop turn.
+        """Run one request's script call; while a call for ``slot`` is in flight, wait for the next batch instead.
 
-        The first request of a turn leads: it yields once so the runnable tasks can join its queue, then sends
-        them all in one call and hands out the replies. No task or future of its own: a lone request stays cheap.
+        No timer and no extra loop turn: a lone request goes out at once, alone. Under load, the requests that
+        arrive during one Redis round trip leave together in ONE call when it returns (grpc.aio hands RPCs to the
+        loop in separate turns, so "same turn" batching never engaged behind Envoy; "while busy" does).
         """
-        queue = self._queues.get(slot) if self.coalesce else None
-        if queue is not None and len(queue) < MAX_BATCH:
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            queue.append((keys, args, future))
-            return _checked(await future)
         if not self.coalesce:
             self.batches += 1
             self.batched_requests += 1
             return _checked(await self._single.run(self._client, keys, args))
-        queue = self._queues[slot] = [(keys, args, None)]
-        try:
-            await asyncio.sleep(0)
-        finally:
-            if self._queues.get(slot) is queue:
-                del self._queues[slot]
+        queue = self._queues.get(slot)
+        if queue is None:
+            queue = self._queues[slot] = _SlotQueue()
+        if queue.busy:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            queue.waiting.append((keys, args, future))
+            return _checked(await future)
+        queue.busy = True
         self.batches += 1
-        self.batched_requests += len(queue)
+        self.batched_requests += 1
         try:
-            if len(queue) == 1:
-                return _checked(await self._single.run(self._client, keys, args))
-            all_keys: list[str] = []
-            all_args: list[int] = [len(queue)]
-            for item_keys, item_args, _ in queue:
-                all_keys += item_keys
-                all_args += (len(item_keys), len(item_args), *item_args)
-            replies = await self._batch.run(self._client, all_keys, all_args)
-        except BaseException as exc:  # the followers share the leader's fate; hit() translates
-            failure = exc if isinstance(exc, Exception) else TimeoutError("the batch's leader was cancelled")
-            for _, _, follower in queue[1:]:
-                if follower is not None and not follower.done():
-                    follower.set_exception(failure)
-            raise
-        for (_, _, follower), reply in zip(queue[1:], replies[1:], strict=True):
-            if follower is not None and not follower.done():  # its request may have hit its deadline already
-                follower.set_result(reply)
-        return _checked(replies[0])
+            reply = await self._single.run(self._client, keys, args)
+        finally:
+            self._send_next(queue)
+        return _checked(reply)
+
+    def _send_next(self, queue: _SlotQueue) -> None:
+        """The slot's call returned: send what queued meanwhile (one batch task), or mark the slot idle."""
+        if not queue.waiting:
+            queue.busy = False
+            return
+        batch, queue.waiting = queue.waiting[:MAX_BATCH], queue.waiting[MAX_BATCH:]
+        task = asyncio.get_running_loop().create_task(self._send_batch(queue, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_batch(self, queue: _SlotQueue, batch: list[_Pending]) -> None:
+        self.batches += 1
+        self.batched_requests += len(batch)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if len(batch) == 1:
+                    replies = [await self._single.run(self._client, batch[0][0], batch[0][1])]
+                else:
+                    all_keys: list[str] = []
+                    all_args: list[int] = [len(batch)]
+                    for item_keys, item_args, _ in batch:
+                        all_keys += item_keys
+                        all_args += (len(item_keys), len(item_args), *item_args)
+                    replies = await self._batch.run(self._client, all_keys, all_args)
+        except BaseException as exc:  # every waiter shares the batch's fate; hit() translates
+            failure = exc if isinstance(exc, Exception) else TimeoutError("the batch was cancelled")
+            for _, _, waiter in batch:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for (_, _, waiter), reply in zip(batch, replies, strict=True):
+                if waiter is not None and not waiter.done():  # its request may have hit its deadline already
+                    waiter.set_result(reply)
+        finally:
+            self._send_next(queue)
 
     async def ping(self) -> bool:
         try:
