@@ -78,11 +78,18 @@ def test_compare_ratios() -> None:
         "floor-http": {"500": med(0.5, 1.4), "saturation": med(1, 1, 8000)},
         "extauthz-http": {"500": med(0.6, 1.8), "saturation": med(1, 1, 4000)},
     }
-    transports = {"passthrough": "none", "floor-http": "http", "extauthz-http": "http"}
-    rows = compare(scenarios, transports)
+    references = {"passthrough": None, "floor-http": "floor-http", "extauthz-http": "floor-http"}
+    rows = compare(scenarios, references)
     assert rows["extauthz-http"]["500_added_p50_ms"] == pytest.approx(0.3)
-    assert rows["extauthz-http"]["500_x_floor_p50"] == pytest.approx(1.5)
-    assert rows["extauthz-http"]["500_x_floor_p99"] == pytest.approx(2.0)
-    assert rows["extauthz-http"]["saturation_x_floor"] == pytest.approx(0.5)
-    assert rows["floor-http"]["500_x_floor_p50"] == pytest.approx(1.0)
-    assert "saturation_x_floor" not in rows["passthrough"]
+    assert rows["extauthz-http"]["500_x_ref_p50"] == pytest.approx(1.5)
+    assert rows["extauthz-http"]["500_x_ref_p99"] == pytest.approx(2.0)
+    assert rows["extauthz-http"]["500_raw_x_ref_p99"] == pytest.approx(1.8 / 1.4)
+    assert rows["extauthz-http"]["saturation_x_ref"] == pytest.approx(0.5)
+    assert rows["floor-http"]["500_x_ref_p50"] == pytest.approx(1.0)
+    assert "saturation_x_ref" not in rows["passthrough"]
+    # A reference that adds nothing (passthrough itself): no added-latency ratio, saturation ratio still given.
+    both = compare(
+        {**scenarios, "both": {"500": med(0.9, 2.0), "saturation": med(1, 1, 2000)}}, {"both": "passthrough"}
+    )
+    assert both["both"]["500_x_ref_p50"] is None
+    assert both["both"]["saturation_x_ref"] == pytest.approx(0.2)
