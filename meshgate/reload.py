@@ -13,7 +13,6 @@ version (one warning with the ``file:line`` error), counted, and the last good c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import stat
@@ -24,6 +23,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge
 
+from meshgate.periodic import Periodic
 from meshgate.yamlconf import ConfigError
 
 T = TypeVar("T")
@@ -121,8 +121,6 @@ class ConfigWatcher(Generic[T]):
         wall_clock: Callable[[], float] = time.time,
         load_in_thread: bool = False,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval_s must be positive")
         self._load = load
         self._watched = watched
         self._on_swap = on_swap
@@ -133,7 +131,7 @@ class ConfigWatcher(Generic[T]):
         self._current: T | None = None
         self._seen: Fingerprint = {}
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Periodic(self.check_now, interval_s, f"{component}-config-watcher")
         # Create both series at 0 so dashboards and alerts see them before the first reload.
         RELOADS.labels(component, "success")
         RELOADS.labels(component, "failure")
@@ -180,25 +178,12 @@ class ConfigWatcher(Generic[T]):
 
     async def start(self) -> None:
         """Poll in the background every ``interval_s``. Idempotent."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll(), name=f"{self.component}-config-watcher")
+        self._poller.start()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._poller.close()
 
     # -- internals -------------------------------------------------------------------------------------------
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check_now()
-            except Exception:  # check_now handles load errors; this guards the loop against anything else
-                log.exception("%s config watcher check failed", self.component)
-
     def _paths(self, basis: T | None) -> list[str]:
         return list(dict.fromkeys(str(path) for path in self._watched(basis)))
 

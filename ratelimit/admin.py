@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from meshgate.periodic import Periodic
 from ratelimit import metrics
 from ratelimit.backends.base import CounterBackend
 from ratelimit.model import Code, Descriptor, Entry, Limit, RateLimitRequest, Unit
@@ -140,10 +140,9 @@ class BackendProbe:
     ) -> None:
         self._backend = backend
         self._set_ready = set_ready
-        self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._up = metrics.BACKEND_UP.labels(backend_name)
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Periodic(self.check_now, interval_s, "ratelimit-backend-probe")
         self._last: bool | None = None
 
     async def check_now(self) -> bool:
@@ -163,17 +162,7 @@ class BackendProbe:
 
     async def start(self) -> None:
         await self.check_now()
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="ratelimit-backend-probe")
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            await self.check_now()
+        self._poller.start()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._poller.close()

@@ -273,7 +273,7 @@ async def test_poll_loop_survives_unexpected_errors(tmp_path: Path, caplog: pyte
         await asyncio.sleep(0.01)
     await harness.watcher.close()
     assert calls >= 2
-    assert "config watcher check failed" in caplog.text
+    assert "config-watcher failed" in caplog.text
 
 
 def test_fingerprint_states(tmp_path: Path) -> None:
