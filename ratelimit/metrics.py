@@ -118,13 +118,15 @@ class RuleStatsCollector(Collector):
             yield metric
 
 
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
 RULE_STATS = RuleStatsCollector()
 REGISTRY.register(RULE_STATS)
 
 REQUEST_SECONDS = Histogram(
     "meshgate_ratelimit_request_duration_seconds",
     "Time to answer one ShouldRateLimit (config lookup, backend round trip, statuses)",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    buckets=LATENCY_BUCKETS,
 )
 REQUESTS = Counter(
     "meshgate_ratelimit_requests_total",
@@ -135,7 +137,7 @@ BACKEND_SECONDS = Histogram(
     "meshgate_ratelimit_backend_duration_seconds",
     "Time of one backend call (all hits of a request)",
     ["backend"],
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    buckets=LATENCY_BUCKETS,
 )
 BACKEND_ERRORS = Counter(
     "meshgate_ratelimit_backend_errors_total",
