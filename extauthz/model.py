@@ -6,6 +6,7 @@ Both transports (gRPC ``Authorization/Check`` and Envoy's HTTP ext_authz mode) t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -75,6 +76,8 @@ class Identity:
     claims: Mapping[str, Any] = field(default_factory=lambda: EMPTY_CLAIMS)
     # Header that carried the credential, so the response can strip it before the upstream sees it.
     credential_header: str = ""
+    # Epoch seconds after which this identity must be established again (token exp, API-key expiry).
+    expires_at: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)

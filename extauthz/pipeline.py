@@ -2,6 +2,8 @@
 
 ``decide`` is synchronous so that a transport can answer without creating a task when nothing needs I/O (the common
 case: cached keys, cached tokens). Only when a provider asks for I/O (an unknown JWT ``kid``) does ``check`` await.
+Allow decisions are cached by exactly the request attributes that the providers and the rules read, never past the
+identity's expiry (token ``exp``, API-key expiry) nor ``DECISION_TTL_S``; denials are always decided afresh.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from extauthz.policy_api import CompiledPolicy
 log = logging.getLogger(__name__)
 
 ALLOW_MEMO_SIZE = 4096
+DECISION_CACHE_SIZE = 10_000
+DECISION_TTL_S = 60.0  # an allow is re-derived at least this often, even for identities that never expire
 
 
 class DecisionObserver(Protocol):
@@ -44,6 +48,7 @@ class Pipeline:
         observer: DecisionObserver | None = None,
         deadline_s: float = 1.0,
         clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.providers = tuple(providers)
         self.policy = policy
@@ -51,7 +56,17 @@ class Pipeline:
         self.observer: DecisionObserver = observer or NullObserver()
         self.deadline_s = deadline_s
         self._clock = clock
+        self._wall_clock = wall_clock
         self._allow_memo: dict[tuple[int, str, Reason], Decision] = {}
+        # Decision cache: an allow is a pure function of what the providers and rules read, until the identity
+        # expires. Key = exactly those request attributes (raw header values; bounded, in memory only). A provider
+        # or policy that does not declare what it reads turns the cache off: unknown inputs are never cached on.
+        declared: list[frozenset[str] | None] = [getattr(p, "request_headers", None) for p in self.providers]
+        declared.append(getattr(policy, "header_names", None))
+        self._cache_enabled = all(names is not None for names in declared)
+        self._key_headers = tuple(sorted({name for names in declared if names is not None for name in names}))
+        self._key_query = any(getattr(provider, "reads_query", True) for provider in self.providers)
+        self._decisions: dict[tuple[str | None, ...], tuple[Decision, float]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,7 +125,14 @@ class Pipeline:
         """Answer now, or raise ``RefreshNeeded`` when the answer needs I/O. Never raises anything else."""
         started = self._clock()
         try:
-            decision = self._decide(inp)
+            key = self._cache_key(inp) if self._cache_enabled else None
+            cached = self._decisions.get(key) if key is not None else None
+            if cached is not None and cached[1] > self._wall_clock():
+                decision = cached[0]
+            else:
+                decision = self._decide(inp)
+                if key is not None and decision.allowed:
+                    self._remember(key, decision)
         except RefreshNeeded:
             raise
         except Exception:
@@ -118,6 +140,26 @@ class Pipeline:
             decision = self.fail_closed(inp, Reason.INTERNAL_ERROR, "internal error")
         self.observer.record(inp, decision, self._clock() - started)
         return decision
+
+    def _cache_key(self, inp: CheckInput) -> tuple[str | None, ...]:
+        headers = inp.headers
+        return (
+            inp.method,
+            inp.host,
+            inp.path,
+            inp.source_principal,
+            inp.query if self._key_query else None,
+            *[headers.get(name) for name in self._key_headers],
+        )
+
+    def _remember(self, key: tuple[str | None, ...], decision: Decision) -> None:
+        """Cache an allow until its identity expires (a token past ``exp`` is never answered from here)."""
+        until = self._wall_clock() + DECISION_TTL_S
+        if decision.identity is not None:
+            until = min(until, decision.identity.expires_at)
+        if len(self._decisions) >= DECISION_CACHE_SIZE:
+            self._decisions.clear()  # cheaper than LRU bookkeeping per call; hot requests come back at once
+        self._decisions[key] = (decision, until)
 
     async def check(self, inp: CheckInput) -> Decision:
         """Answer, awaiting a key refresh if one is needed, within the deadline. Never raises."""

@@ -234,10 +234,12 @@ def _bucket(rules: Iterable[_CompiledRule], method: str | None) -> _Bucket:
 class Policy:
     """A compiled, immutable policy (implements ``extauthz.policy_api.CompiledPolicy``)."""
 
-    __slots__ = ("_by_method", "_fallback", "_uses_host", "rules")
+    __slots__ = ("_by_method", "_fallback", "_uses_host", "header_names", "rules")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
+        # The request headers any rule reads (besides method, host and path): part of the decision cache's key.
+        self.header_names = frozenset(header.name for rule in rules for header in rule.match.headers)
         compiled = [_CompiledRule(rule) for rule in rules]
         methods = {method for rule in compiled for method in rule.methods}
         self._by_method = {method: _bucket(compiled, method) for method in methods}

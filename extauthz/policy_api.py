@@ -20,6 +20,9 @@ class Verdict:
 
 
 class CompiledPolicy(Protocol):
+    # Request headers the rules read (besides method, host and path), for the pipeline's decision cache.
+    header_names: frozenset[str]
+
     def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
         """Decide. Deny rules win over allow rules; a ``public`` rule needs no identity; no match means deny.
 

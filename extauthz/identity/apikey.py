@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -146,6 +147,8 @@ class ApiKeyProvider:
         self._header = settings.header.lower()
         self._scheme = settings.authorization_scheme.lower()
         self._identities: dict[tuple[str, str], Identity] = {}
+        self.request_headers = frozenset({self._header} - {""} | ({"authorization"} if self._scheme else set()))
+        self.reads_query = False
 
     async def start(self) -> None:
         return None
@@ -193,6 +196,7 @@ class ApiKeyProvider:
                 roles=entry.roles,
                 tier=entry.tier,
                 credential_header=header,
+                expires_at=entry.expires if entry.expires is not None else math.inf,
             )
             self._identities[(entry.key_id, header)] = identity
         return identity

@@ -21,6 +21,10 @@ class RefreshNeeded(Exception):
 
 class IdentityProvider(Protocol):
     kind: IdentityKind
+    # Everything of the request this provider reads, besides ``source_principal``: the pipeline's decision cache
+    # keys on exactly these (lower-case header names; the query string when ``reads_query``).
+    request_headers: frozenset[str]
+    reads_query: bool
 
     def authenticate(self, inp: CheckInput) -> Identity | None:
         """Return the identity, or None when the request carries no credential of this kind.

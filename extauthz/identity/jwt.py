@@ -123,6 +123,11 @@ class JwtProvider:
             TokenSource(header=s.header.lower(), prefix=s.prefix.lower(), cookie=s.cookie, query=s.query)
             for s in settings.sources
         )
+        self.request_headers = frozenset(
+            {source.header for source in self._sources if source.header}
+            | ({"cookie"} if any(source.cookie for source in self._sources) else set())
+        )
+        self.reads_query = any(source.query for source in self._sources)
         self._leeway = float(settings.leeway_s)
         self._cache: TLRUCache[bytes, _Cached] = TLRUCache(
             maxsize=max(settings.cache_size, 1), ttu=lambda _key, value, _now: value.exp, timer=clock
@@ -273,6 +278,7 @@ class JwtProvider:
             tier=_scalar(claim_at(claims, mapping.tier)) if mapping.tier else "",
             claims=MappingProxyType(claims),
             credential_header=header,
+            expires_at=float(claims["exp"]),
         )
 
 

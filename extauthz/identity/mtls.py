@@ -76,6 +76,8 @@ class SpiffeProvider:
     def __init__(self, settings: SpiffeSettings) -> None:
         self.settings = settings
         self._trust_domains = frozenset(settings.trust_domains)
+        self.request_headers = frozenset({XFCC_HEADER}) if settings.from_xfcc else frozenset()
+        self.reads_query = False
 
     async def start(self) -> None:
         return None

@@ -217,3 +217,114 @@ def test_allow_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("a", "b", "c", "d"):
         assert pipeline.decide(with_headers(**{"x-user": name})).allowed
     assert len(pipeline._allow_memo) <= 2
+
+
+class DeclaredProvider:
+    """Identity from x-user (declared, as real providers declare what they read); expiry from x-exp."""
+
+    kind = IdentityKind.API_KEY
+    request_headers = frozenset({"x-user"})
+    reads_query = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.expires_at = 1_000.0
+
+    def authenticate(self, inp: CheckInput) -> Identity | None:
+        self.calls += 1
+        user = inp.headers.get("x-user")
+        if user is None:
+            return None
+        return Identity(kind=self.kind, subject=user, expires_at=self.expires_at)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class DeclaredPolicy(Policy):
+    header_names = frozenset({"x-tenant"})
+
+
+def cached_pipeline(now: list[float]) -> tuple[Pipeline, DeclaredProvider, Recorder]:
+    provider = DeclaredProvider()
+    recorder = Recorder()
+    pipeline = Pipeline(
+        [provider],  # type: ignore[list-item]
+        DeclaredPolicy(),
+        ResponseSettings(),
+        observer=recorder,
+        wall_clock=lambda: now[0],
+    )
+    return pipeline, provider, recorder
+
+
+def request(user: str | None = "alice", **extra: str) -> CheckInput:
+    headers = {"x-user": user, **extra} if user is not None else dict(extra)
+    return CheckInput(method="GET", host="h", path="/p", headers=headers, request_id=extra.get("x-request-id", ""))
+
+
+def test_allow_is_answered_from_the_decision_cache_keyed_by_what_is_read() -> None:
+    now = [100.0]
+    pipeline, provider, recorder = cached_pipeline(now)
+    first = pipeline.decide(request(**{"x-request-id": "a"}))
+    again = pipeline.decide(request(**{"x-request-id": "b", "user-agent": "other"}))  # unread headers differ
+    assert again is first and provider.calls == 1
+    assert len(recorder.seen) == 2  # every answer is still observed (metrics, audit)
+    pipeline.decide(request("bob"))  # a read header differs: decided afresh
+    pipeline.decide(request(**{"x-tenant": "t2"}))  # a header a rule reads differs: decided afresh
+    pipeline.decide(CheckInput(method="POST", host="h", path="/p", headers={"x-user": "alice"}))
+    assert provider.calls == 4
+
+
+def test_cached_allow_ends_with_the_identity() -> None:
+    now = [100.0]
+    pipeline, provider, _ = cached_pipeline(now)
+    provider.expires_at = 130.0  # sooner than the cache's own TTL
+    pipeline.decide(request())
+    now[0] = 129.0
+    pipeline.decide(request())
+    assert provider.calls == 1
+    now[0] = 130.0  # the identity's expiry: never answered from the cache at or past it
+    pipeline.decide(request())
+    assert provider.calls == 2
+
+
+def test_cached_allow_is_refreshed_after_the_ttl_even_without_expiry() -> None:
+    now = [100.0]
+    pipeline, provider, _ = cached_pipeline(now)
+    provider.expires_at = float("inf")
+    pipeline.decide(request())
+    now[0] += 59.0
+    pipeline.decide(request())
+    assert provider.calls == 1
+    now[0] += 2.0
+    pipeline.decide(request())
+    assert provider.calls == 2
+
+
+def test_denials_are_never_cached() -> None:
+    now = [100.0]
+    pipeline, provider, _ = cached_pipeline(now)
+    assert pipeline.decide(request(None)).status == 401
+    assert pipeline.decide(request(None)).status == 401
+    assert provider.calls == 2
+
+
+def test_decision_cache_is_off_when_a_provider_does_not_declare_its_inputs() -> None:
+    provider = HeaderProvider()  # declares nothing
+    pipeline = Pipeline([provider], Policy(), ResponseSettings())  # type: ignore[list-item]
+    pipeline.decide(INP)
+    pipeline.decide(INP)
+    assert pipeline._decisions == {}
+
+
+def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extauthz.pipeline.DECISION_CACHE_SIZE", 2)
+    now = [100.0]
+    pipeline, _, _ = cached_pipeline(now)
+    for user in ("a", "b", "c", "d"):
+        pipeline.decide(request(user))
+    assert len(pipeline._decisions) <= 2
