@@ -80,3 +80,23 @@ def test_redis_outage_is_decided_by_envoys_failure_mode(redis_server: RedisServe
                     break
             assert statuses[-1] == 429, statuses
             assert statuses.count(200) >= 3
+
+
+def test_ratelimit_service_down_is_decided_by_envoys_failure_mode() -> None:
+    """With meshgate itself gone (SIGTERM), the shipped fail-open config passes traffic; fail-closed refuses it."""
+    args = ["ratelimit", "--config", str(CONFIG), "--drain-seconds", "0.1"]
+    with EchoThread() as upstream, ServiceProcess(args) as service:
+        values = {
+            "listen_port": 0,
+            "upstream_port": upstream.port,
+            "ratelimit_port": service.ports["grpc_port"],
+            "domain": "e2e",
+        }
+        fail_open_config = render("ratelimit.yaml", **values)
+        fail_closed_config = fail_open_config.replace("failure_mode_deny: false", "failure_mode_deny: true")
+        with EnvoyProcess().start(fail_open_config) as fail_open, EnvoyProcess().start(fail_closed_config) as closed:
+            assert get(closed.listener_port(), "/x", {"x-user": "down"})[0] == 200  # service up: allowed
+            assert service.stop() == 0  # drained and exited cleanly
+            assert get(fail_open.listener_port(), "/x", {"x-user": "down"})[0] == 200
+            assert get(closed.listener_port(), "/x", {"x-user": "down"})[0] == 500
+            assert _stat(fail_open, "cluster.upstream.ratelimit.failure_mode_allowed") >= 1
