@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,14 +94,6 @@ async def _while_loaded(load: Load, clients: int, max_s: float, scenario: Callab
     finally:
         load.stop.set()
         await runner
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    with RedisServer(name="redis-failure") as server:
-        yield server
 
 
 def _results(answers: list[Answer]) -> set[str]:

@@ -21,7 +21,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -347,6 +347,14 @@ def redis_sentinel() -> RedisSentinel:
     sentinel = _shared_instance("sentinel")
     assert isinstance(sentinel, RedisSentinel)
     return sentinel
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop and restart it (not the shared one)."""
+    _require_redis()
+    with RedisServer(name="redis-own") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
