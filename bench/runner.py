@@ -65,6 +65,10 @@ class Stack:
     url: str
     headers: Mapping[str, str]
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)  # "500" / "saturation" -> per round
+    # CPU (user + system) of the scenario's own processes per completed request, per round, by load: services,
+    # plus redis-server when the scenario uses it. Less noisy than latency on a shared machine.
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    cpu_pids: tuple[int, ...] = ()
     envoy_stats: dict[str, int] = field(default_factory=dict)  # the filters' counters after all runs
 
 
@@ -91,6 +95,7 @@ def _start_stack(
             values[svc.port_key] = port
         envoy.start(render(scn.template, **values))
         stack = Stack(scn, envoy, services, f"http://127.0.0.1:{envoy.listener_port()}{scn.path}", scn.headers(ctx))
+        stack.cpu_pids = tuple(p.pid for p in services) + ((ctx.redis_pid,) if scn.needs_redis else ())
         _sanity_check(stack)
     except BaseException:
         envoy.stop()
@@ -130,8 +135,22 @@ def _envoy_stats(envoy: EnvoyProcess) -> dict[str, int]:
     return out
 
 
+def process_cpu_s(pids: Sequence[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` (all their threads); 0 for a process that is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            # Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 @contextlib.contextmanager
-def _redis_server(cpu: int | None) -> Iterator[str]:
+def _redis_server(cpu: int | None) -> Iterator[tuple[str, int]]:
     """A throw-away redis-server on a free loopback port, on the service core, without persistence."""
     binary = shutil.which("redis-server")
     if binary is None:
@@ -141,7 +160,7 @@ def _redis_server(cpu: int | None) -> Iterator[str]:
         cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
         proc = start(cmd, ready_port=port, timeout=15, cpu=cpu, name="redis")
         try:
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", proc.pid
         finally:
             proc.cleanup()
 
@@ -217,7 +236,8 @@ def run(opts: Options) -> dict[str, Any]:
             issuer = resources.enter_context(BenchIssuer())
             ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers())
         if any(SCENARIOS[n].needs_redis for n in names):
-            ctx = RunContext(ctx.policy, ctx.auth_headers, resources.enter_context(_redis_server(svc_cpu)))
+            url, pid = resources.enter_context(_redis_server(svc_cpu))
+            ctx = RunContext(ctx.policy, ctx.auth_headers, url, pid)
         stacks = _drive(opts, names, ctx, envoy_cpu, svc_cpu)
         redis_stats = redis_commandstats(ctx.redis_url) if ctx.redis_url else {}
     return _report(opts, names, stacks, tool, envoy_cpu, svc_cpu, redis_stats)
@@ -251,12 +271,18 @@ def _drive(
                 loads.append(("saturation", None, opts.saturation_connections))
             for key, rate, conns in loads:
                 for stack in order:
+                    cpu_before = process_cpu_s(stack.cpu_pids)
                     result = loadgen.run_load(
                         stack.url, rate=rate, duration=opts.duration, connections=conns, headers=stack.headers,
                         cpu=svc_cpu,
                     )  # fmt: skip
+                    cpu_us = (process_cpu_s(stack.cpu_pids) - cpu_before) * 1e6 / max(result.requests, 1)
                     stack.runs.setdefault(key, []).append(result)
-                    print(f"  round {rnd + 1} {stack.scenario.name} {key}: {result}", file=sys.stderr, flush=True)
+                    stack.cpu_us.setdefault(key, []).append(cpu_us)
+                    print(
+                        f"  round {rnd + 1} {stack.scenario.name} {key}: {result} cpu {cpu_us:.0f} us/req",
+                        file=sys.stderr, flush=True,
+                    )  # fmt: skip
     finally:
         _stop(stacks)
         upstream.cleanup()
@@ -272,7 +298,10 @@ def _report(
     svc_cpu: int | None,
     redis_stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    scenarios = {s.scenario.name: {k: _median(v) for k, v in s.runs.items()} for s in stacks}
+    scenarios = {
+        s.scenario.name: {k: {**_median(v), "cpu_us": statistics.median(s.cpu_us[k])} for k, v in s.runs.items()}
+        for s in stacks
+    }
     layout = (
         f"envoy: core {envoy_cpu}; upstream, services, redis-server, load generator: core {svc_cpu} (taskset)"
         if envoy_cpu is not None
@@ -320,7 +349,9 @@ def compare(
 
     ``<load>_added_<q>_ms``: latency added over BASELINE at the same load; ``<load>_x_ref_<q>``: that added latency
     / the reference's (None when the reference adds nothing, e.g. BASELINE itself); ``<load>_raw_x_ref_<q>``: the
-    plain latency ratio (issue 3's Redis-vs-memory p99 target); ``saturation_x_ref``: saturation rps ratio.
+    plain latency ratio (issue 3's Redis-vs-memory p99 target); ``saturation_x_ref``: saturation rps ratio;
+    ``<load>_cpu_x_ref``: CPU per request of the scenario's processes / the reference's (all processes on the
+    service core but the load generator and the upstream).
     """
     out: dict[str, dict[str, float | None]] = {}
     base = scenarios.get(BASELINE)
@@ -329,6 +360,8 @@ def compare(
         ref = scenarios.get(ref_name) if ref_name else None
         row: dict[str, float | None] = {}
         for key, med in runs.items():
+            if ref and key in ref and med.get("cpu_us") and ref[key].get("cpu_us"):
+                row[f"{key}_cpu_x_ref"] = med["cpu_us"] / ref[key]["cpu_us"]
             if key == "saturation":
                 if ref and "saturation" in ref and ref["saturation"]["rps"]:
                     row["saturation_x_ref"] = med["rps"] / ref["saturation"]["rps"]
@@ -365,7 +398,8 @@ def table(report: Mapping[str, Any]) -> str:
         f"medians of {report['settings']['rounds']} rounds x {report['settings']['duration']:g} s",
         "",
         f"{'scenario':<16} {'load':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'rps':>6} {'err':>4} "
-        f"{'+p50':>6} {'+p99':>6} {'vs':<16} {'x+p50':>6} {'x+p99':>6} {'x p99':>6} {'sat x':>6}",
+        f"{'+p50':>6} {'+p99':>6} {'vs':<16} {'x+p50':>6} {'x+p99':>6} {'x p99':>6} {'sat x':>6} {'cpu us':>6} "
+        f"{'cpu x':>6}",
     ]
     references = report.get("references", {})
     for name, runs in report["scenarios"].items():
@@ -381,12 +415,14 @@ def table(report: Mapping[str, Any]) -> str:
                 f"{_fmt(cmp_row.get(f'{key}_x_ref_p50'), '6.2f'):>6} "
                 f"{_fmt(cmp_row.get(f'{key}_x_ref_p99'), '6.2f'):>6} "
                 f"{_fmt(cmp_row.get(f'{key}_raw_x_ref_p99'), '6.2f'):>6} "
-                f"{_fmt(cmp_row.get('saturation_x_ref') if sat else None, '6.2f'):>6}"
+                f"{_fmt(cmp_row.get('saturation_x_ref') if sat else None, '6.2f'):>6} "
+                f"{_fmt(med.get('cpu_us'), '6.0f'):>6} {_fmt(cmp_row.get(f'{key}_cpu_x_ref'), '6.2f'):>6}"
             )
     lines += [
         "",
         "+p50/+p99 (ms): added over passthrough at the same load; vs: the scenario compared with;",
-        "x+p50/x+p99: added latency / vs's added latency; x p99: p99 / vs's p99; sat x: saturation rps / vs's",
+        "x+p50/x+p99: added latency / vs's added latency; x p99: p99 / vs's p99; sat x: saturation rps / vs's;",
+        "cpu us: CPU per request of the scenario's services (+ redis-server); cpu x: that / vs's",
         "(saturation shares core 1 with the load generator).",
     ]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ class RunContext:
     policy: Path = POLICY
     auth_headers: Mapping[str, str] = field(default_factory=dict)  # the token, minted once per run
     redis_url: str = ""  # the bench's redis-server, when a scenario needs one
+    redis_pid: int = 0  # its process (its CPU counts for the scenarios that use it)
 
 
 Command = Callable[[int, RunContext], list[str]]  # (port, context) -> argv

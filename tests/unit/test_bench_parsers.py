@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from bench import runner
 from bench.loadgen import LoadError, parse_fortio_json, parse_h2load, percentile
 from bench.runner import compare
 
@@ -70,13 +73,13 @@ def test_percentile_nearest_rank() -> None:
 
 
 def test_compare_ratios() -> None:
-    def med(p50: float, p99: float, rps: float = 500.0) -> dict[str, float]:
-        return {"p50_ms": p50, "p90_ms": p50, "p99_ms": p99, "rps": rps, "errors": 0, "requests": 1}
+    def med(p50: float, p99: float, rps: float = 500.0, cpu_us: float = 0.0) -> dict[str, float]:
+        return {"p50_ms": p50, "p90_ms": p50, "p99_ms": p99, "rps": rps, "errors": 0, "requests": 1, "cpu_us": cpu_us}
 
     scenarios = {
         "passthrough": {"500": med(0.3, 1.0), "saturation": med(1, 1, 10000)},
-        "floor-http": {"500": med(0.5, 1.4), "saturation": med(1, 1, 8000)},
-        "extauthz-http": {"500": med(0.6, 1.8), "saturation": med(1, 1, 4000)},
+        "floor-http": {"500": med(0.5, 1.4, cpu_us=20), "saturation": med(1, 1, 8000)},
+        "extauthz-http": {"500": med(0.6, 1.8, cpu_us=50), "saturation": med(1, 1, 4000)},
     }
     references = {"passthrough": None, "floor-http": "floor-http", "extauthz-http": "floor-http"}
     rows = compare(scenarios, references)
@@ -85,6 +88,8 @@ def test_compare_ratios() -> None:
     assert rows["extauthz-http"]["500_x_ref_p99"] == pytest.approx(2.0)
     assert rows["extauthz-http"]["500_raw_x_ref_p99"] == pytest.approx(1.8 / 1.4)
     assert rows["extauthz-http"]["saturation_x_ref"] == pytest.approx(0.5)
+    assert rows["extauthz-http"]["500_cpu_x_ref"] == pytest.approx(2.5)
+    assert "saturation_cpu_x_ref" not in rows["extauthz-http"]  # no CPU figure: no ratio
     assert rows["floor-http"]["500_x_ref_p50"] == pytest.approx(1.0)
     assert "saturation_x_ref" not in rows["passthrough"]
     # A reference that adds nothing (passthrough itself): no added-latency ratio, saturation ratio still given.
@@ -93,3 +98,13 @@ def test_compare_ratios() -> None:
     )
     assert both["both"]["500_x_ref_p50"] is None
     assert both["both"]["saturation_x_ref"] == pytest.approx(0.2)
+
+
+def test_process_cpu_counts_this_process_and_ignores_gone_ones() -> None:
+    before = runner.process_cpu_s([os.getpid()])
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # bounded: 50 ms of CPU
+        pass
+    after = runner.process_cpu_s([os.getpid()])
+    assert after > before  # the kernel counts in clock ticks (10 ms): 50 ms of work always shows
+    assert runner.process_cpu_s([2**22 + 7]) == 0.0  # above pid_max: never a live process
