@@ -10,10 +10,9 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Histogram
-
 from extauthz.config import AuditSettings
 from extauthz.model import CheckInput, Decision, IdentityKind
+from meshgate.fastmetrics import Counter, Histogram
 from meshgate.log import get_audit_logger
 
 DECISIONS = Counter(

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Gauge
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from meshgate.fastmetrics import Counter, Histogram
 from ratelimit.config import metric_path
 from ratelimit.model import Entry, Rule
 
