@@ -161,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
+        self._max_header_bytes = ctx.max_header_bytes
         self._body_bytes = 0
         self._in_message = False
         self._headers_complete = False
@@ -193,7 +194,7 @@ class _Connection(asyncio.Protocol):
         if self._in_message and not self._headers_complete:
             # A single header line is buffered by the parser until it ends: bound that too.
             self._header_bytes += len(data)
-            if self._header_bytes > self._ctx.max_header_bytes:
+            if self._header_bytes > self._max_header_bytes:
                 self._fail(_HEADERS_TOO_LARGE)
                 return
         try:
@@ -238,17 +239,20 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._header_bytes += len(url)
-        if self._header_bytes > self._ctx.max_header_bytes:
+        if self._header_bytes > self._max_header_bytes:
             raise _HeadersTooLarge
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._ctx.max_header_bytes:
+    def on_header(self, name: bytes, value: bytes) -> None:  # once per header: kept to the bare minimum
+        size = self._header_bytes + len(name) + len(value) + 4
+        self._header_bytes = size
+        if size > self._max_header_bytes:
             raise _HeadersTooLarge
         key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
         headers = self._headers
-        headers[key] = f"{headers[key]},{text}" if key in headers else text
+        if key in headers:
+            headers[key] = f"{headers[key]},{value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_complete = True
