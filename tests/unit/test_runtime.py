@@ -252,3 +252,22 @@ async def test_sigterm_drains_in_flight_call_in_subprocess(tmp_path: Path) -> No
         if child.returncode is None:
             child.kill()
             await child.wait()
+
+
+async def test_the_heap_is_frozen_once_serving_not_before() -> None:
+    import gc
+    from types import SimpleNamespace
+
+    from meshgate.runtime import freeze_heap_when_started
+
+    fake = SimpleNamespace(started=asyncio.Event())
+    gc.unfreeze()
+    task = asyncio.get_running_loop().create_task(freeze_heap_when_started(fake))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert gc.get_freeze_count() == 0  # not serving yet: start-up may still be building
+    fake.started.set()
+    await asyncio.wait_for(task, 10)
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # give this test process its collector back
