@@ -1,5 +1,10 @@
 """One factory for Redis connections (standalone, Cluster, Sentinel; auth and TLS for each), shared by both services.
 
+``connect()`` gives a ``RedisTarget``. Standalone and Sentinel targets carry two clients on one URL: ``resp``, the
+lean pipelined client of ``meshgate.resp`` for the hot path (and readiness), and ``client``, a redis-py client for
+anything else (admin commands, tools, tests). Neither connects before it is used. Cluster keeps redis-py's
+``RedisCluster`` (``cluster``): its slot maps and MOVED/ASK handling are not worth rewriting for now.
+
 URL formats (credentials percent-encoded; a bad URL raises ValueError with a message fit for the CLI):
 
     redis://[[user]:password@]host[:port][/db][?options]                  standalone (port 6379, db 0)
@@ -20,6 +25,8 @@ Never log a URL as given: ``redacted_url()`` masks the passwords.
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote
@@ -28,6 +35,8 @@ from redis.asyncio import Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from meshgate.resp import Address, RespClient
 
 Kind = Literal["standalone", "cluster", "sentinel"]
 
@@ -196,20 +205,23 @@ def parse_url(url: str) -> RedisUrl:
 
 @dataclass(eq=False)
 class RedisTarget:
-    """What a backend talks to: ``client`` (standalone, Sentinel) or ``cluster`` (Cluster), exactly one is set."""
+    """What a backend talks to: ``resp`` + ``client`` (standalone, Sentinel) or ``cluster`` (Cluster)."""
 
     kind: Kind
     url: str  # redacted: safe to log
     client: Redis | None = None
     cluster: RedisCluster | None = None
+    resp: RespClient | None = None
 
     async def ping(self) -> bool:
-        """One PING (to every Cluster node); False on any failure. The caller bounds the time."""
+        """One PING (to every Cluster node; on the hot path's connection otherwise); False on any failure.
+
+        The caller bounds the time."""
         try:
             if self.cluster is not None:
                 return bool(await self.cluster.ping(target_nodes=RedisCluster.ALL_NODES))
-            assert self.client is not None
-            return bool(await self.client.ping())
+            assert self.resp is not None
+            return bool(await self.resp.execute("PING") == b"PONG")
         except Exception:  # readiness must answer, not raise
             return False
 
@@ -218,6 +230,8 @@ class RedisTarget:
             await self.cluster.aclose()
         if self.client is not None:
             await self.client.aclose()
+        if self.resp is not None:
+            await self.resp.close()
 
     def __repr__(self) -> str:
         return f"RedisTarget({self.kind}, {self.url})"
@@ -236,11 +250,42 @@ def _tls_kwargs(parsed: RedisUrl) -> dict[str, Any]:
     }
 
 
-def connect(url: str, *, timeout_s: float) -> RedisTarget:
-    """Build the client for ``url``; no I/O here (connections open on first use and reopen after failures).
+def ssl_context(parsed: RedisUrl) -> ssl.SSLContext | None:
+    """The lean client's TLS context: the same options as redis-py's (server verified, optional client cert)."""
+    if not parsed.tls:
+        return None
+    context = ssl.create_default_context(cafile=parsed.ca_cert)
+    if parsed.cert is not None:
+        context.load_cert_chain(parsed.cert, parsed.key)
+    context.check_hostname = parsed.check_hostname
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
-    Every socket operation is bounded by ``timeout_s``; one immediate retry on a fresh connection replaces a pooled
-    connection that died (e.g. Redis restarted) without failing the call. hiredis parses replies when installed.
+
+def _resp(
+    url: str, parsed: RedisUrl, address: Address | Callable[[], Awaitable[Address]], timeout_s: float
+) -> RespClient:
+    try:
+        context = ssl_context(parsed)
+    except (OSError, ssl.SSLError) as error:  # at start-up, not at the first request
+        raise _fail(url, f"cannot load the TLS files: {error}") from None
+    return RespClient(
+        address,
+        timeout_s=timeout_s,
+        username=parsed.username,
+        password=parsed.password,
+        db=parsed.db,
+        ssl_context=context,
+    )
+
+
+def connect(url: str, *, timeout_s: float) -> RedisTarget:
+    """Build the clients for ``url``; no network I/O here (connections open on first use and reopen after failures;
+    TLS files are read now, so a missing one fails at start-up).
+
+    redis-py clients: every socket operation is bounded by ``timeout_s``; one immediate retry on a fresh connection
+    replaces a pooled connection that died (e.g. Redis restarted) without failing the call. The lean client bounds
+    its connects by ``timeout_s`` and leaves calls to the caller's deadline (``meshgate.resp``).
     """
     if not timeout_s > 0:
         raise ValueError(f"Redis timeout must be > 0 seconds, got {timeout_s}")
@@ -271,6 +316,12 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
             list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, db=parsed.db, **common
         )
         client = sentinel.master_for(parsed.master)
-        return RedisTarget("sentinel", safe, client=client)
+
+        async def master_address() -> Address:  # asked at every (re)connect, so a failover is followed
+            host, port = await sentinel.discover_master(parsed.master)
+            return str(host), int(port)
+
+        return RedisTarget("sentinel", safe, client=client, resp=_resp(url, parsed, master_address, timeout_s))
     host, port = parsed.hosts[0]
-    return RedisTarget("standalone", safe, client=Redis(host=host, port=port, db=parsed.db, **common))
+    client = Redis(host=host, port=port, db=parsed.db, **common)
+    return RedisTarget("standalone", safe, client=client, resp=_resp(url, parsed, (host, port), timeout_s))

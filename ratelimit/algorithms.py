@@ -136,6 +136,19 @@ def fw_eval(count: int, limit: int, period_ms: int, cost: int, now_ms: int) -> t
     return over, remaining, reset
 
 
+def fw_ttl_ms(now_ms: int, period_ms: int) -> int:
+    """The expiry of a fixed-window key created at ``now_ms``: its window's end plus the slack."""
+    return window_start_ms(now_ms, period_ms) + period_ms + EXPIRY_SLACK_MS - now_ms
+
+
+def fw_raw(count: int, limit: int, period_ms: int, cost: int, now_ms: int) -> Raw:
+    """A fixed-window hit's whole reply from the count before it, when its consumption depends on no other hit
+    (count_blocked, or cost 0): retry_after = reset when over, as nothing frees up before the window ends.
+    For the Redis backend's MULTI fast path (backends/redis.py); the script has no such path, so no Lua twin."""
+    over, remaining, reset = fw_eval(count, limit, period_ms, cost, now_ms)
+    return (int(over), remaining, reset, reset if over else 0)
+
+
 def sw_eval(prev: int, cur: int, limit: int, period_ms: int, cost: int, now_ms: int) -> tuple[bool, int, int]:
     ws = window_start_ms(now_ms, period_ms)
     weighted = prev * (period_ms - (now_ms - ws)) + (cur + cost) * period_ms  # the estimate times P
@@ -282,9 +295,7 @@ def _finish(states: MutableMapping[str, Cell], ev: _Eval, blocked: bool, mode: i
     key = ev.keys[0]
     if ev.alg == FIXED_WINDOW:
         if consumed:
-            _incr(
-                states, key, ev.cost, window_start_ms(now_ms, ev.period) + ev.period + EXPIRY_SLACK_MS - now_ms, now_ms
-            )
+            _incr(states, key, ev.cost, fw_ttl_ms(now_ms, ev.period), now_ms)
         retry = ev.reset
     elif ev.alg == SLIDING_WINDOW:
         if consumed:
@@ -328,6 +339,8 @@ local function fw_eval(count, limit, p, cost, now)
   if not over then remaining = limit - after end
   return over, remaining, window_start_ms(now, p) + p - now
 end
+
+local function fw_ttl_ms(now, p) return window_start_ms(now, p) + p + SLACK - now end
 
 local function sw_eval(prev, cur, limit, p, cost, now)
   local ws = window_start_ms(now, p)
@@ -429,7 +442,7 @@ for i = 1, n do
   if consumed then spent = ev.cost end
   local retry
   if ev.alg == 1 then
-    if consumed then incr(key, ev.cost, window_start_ms(now, ev.period) + ev.period + SLACK - now) end
+    if consumed then incr(key, ev.cost, fw_ttl_ms(now, ev.period)) end
     retry = ev.reset
   elseif ev.alg == 2 then
     if consumed then incr(key, ev.cost, window_start_ms(now, ev.period) + 2 * ev.period + SLACK - now) end

@@ -11,11 +11,14 @@ several test modules can import them and still talk to the same servers:
 - ``redis_sentinel_url``   -> ``redis+sentinel://127.0.0.1:S1/mymaster``
 
 Tests that kill or reconfigure a server start their own ``RedisServer`` (see ``stop()`` / ``start()``).
+``paused()`` hangs one (SIGSTOP) for a block, for tests of deadlines.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import shutil
 import signal
 import tempfile
@@ -121,6 +124,18 @@ class RedisServer:
             self._proc.stop(timeout=5.0, sig=sig)
             self._proc.log_path.unlink(missing_ok=True)
             self._proc = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the server for the block (a hung Redis: connections stay open, nothing answers), then SIGCONT."""
+        assert self._proc is not None, "start the server first"
+        pid = self._proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            if self.running:
+                os.kill(pid, signal.SIGCONT)
 
     def cleanup(self) -> None:
         self.stop()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
-from meshgate.redis import RedisUrl, connect, parse_url, redacted_url
+from meshgate.redis import RedisUrl, connect, parse_url, redacted_url, ssl_context
 from tests.support.pki import TestCA
 from tests.support.redis_servers import (  # noqa: F401  (pytest fixtures)
     RedisServer,
@@ -139,9 +140,24 @@ def test_connect_validates_timeout_and_builds_the_right_client() -> None:
     assert kwargs["socket_timeout"] == 0.25
     assert kwargs["socket_connect_timeout"] == 0.25
     assert kwargs["db"] == 2
+    assert standalone.resp is not None  # the lean client for the hot path, on the same URL
+    assert standalone.resp.timeout_s == 0.25
     cluster = connect("redis+cluster://a:1,b:2", timeout_s=0.25)
     assert isinstance(cluster.cluster, RedisCluster)
     assert cluster.client is None
+    assert cluster.resp is None  # Cluster stays on redis-py
+
+
+def test_tls_files_are_read_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot load the TLS files") as info:
+        connect(f"rediss://:hunter2@h?ca_cert={tmp_path / 'missing.pem'}", timeout_s=1.0)
+    assert "hunter2" not in str(info.value)
+    ca = TestCA(tmp_path)
+    context = ssl_context(parse_url(f"rediss://h?ca_cert={ca.ca_file}&check_hostname=false"))
+    assert context is not None
+    assert not context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert ssl_context(parse_url("redis://h")) is None
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
-"""RedisBackend against real redis-server processes: round trips, expiry, NOSCRIPT, failure and recovery, Cluster."""
+"""RedisBackend against real redis-server processes: round trips, the MULTI fast path against the script, expiry,
+NOSCRIPT, failure and recovery (killed and hung servers), Cluster, Sentinel."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,11 +12,15 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from ratelimit.backends.base import BackendUnavailable, Hit
+from meshgate.redis import connect
+from ratelimit.algorithms import storage_keys, to_ms
+from ratelimit.backends.base import BackendUnavailable, CounterBackend, Hit
+from ratelimit.backends.memory import MemoryBackend
 from ratelimit.backends.redis import RedisBackend
 from ratelimit.model import Algorithm, Limit, Unit
 from tests.support.redis_servers import (  # noqa: F401  (pytest fixtures)
     RedisCluster,
+    RedisSentinel,
     RedisServer,
     command_calls,
     redis_cluster,
@@ -67,6 +73,66 @@ async def test_one_round_trip_per_request(redis_standalone: RedisServer, standal
         assert names <= inside
 
 
+async def test_fast_path_is_one_multi_exec_per_request(redis_standalone: RedisServer, standalone: RedisBackend) -> None:  # noqa: F811
+    # every hit fixed window, counted when blocked (envoyproxy's semantics) or only looked at: no script needed
+    hits = [_hit(_key()), _hit(_key(), 5, cost=3), _hit(_key(), cost=0, count_blocked=False)]
+    await standalone.hit(hits, NOW)  # connected
+    with redis_standalone.client() as admin:
+        admin.config_resetstat()
+        for _ in range(5):
+            await standalone.hit(hits, NOW)
+        assert command_calls(admin, "exec") == 5
+        assert command_calls(admin, "multi") == 5
+        assert command_calls(admin, "incrby") == 2 * 5
+        assert command_calls(admin, "get") == 5
+        names = {name.removeprefix("cmdstat_").split("|")[0] for name in admin.info("commandstats")}
+        assert names <= {"multi", "set", "incrby", "get", "exec", "config", "info"}
+        assert admin.exists(storage_keys(hits[2], to_ms(NOW))[0]) == 0  # a look never creates a key
+    assert standalone.batches == 0  # no script call at all
+
+
+async def test_fast_path_and_script_agree_on_random_sequences(redis_standalone: RedisServer) -> None:  # noqa: F811
+    """The same requests through the MULTI fast path, the Lua script and the memory backend: identical answers,
+    identical stored counts. Duplicate keys in one request, looks (cost 0), shadow hits and window changes."""
+    fast = RedisBackend(connect(redis_standalone.url, timeout_s=TIMEOUT_S), timeout_s=TIMEOUT_S)
+    script = RedisBackend(connect(redis_standalone.url, timeout_s=TIMEOUT_S), timeout_s=TIMEOUT_S, fast_path=False)
+    backends: dict[str, CounterBackend] = {"fast": fast, "script": script, "memory": MemoryBackend()}
+    tags = {name: uuid.uuid4().hex for name in backends}
+    limits = [Limit(3, Unit.MINUTE), Limit(5, Unit.MINUTE), Limit(4, Unit.HOUR), Limit(2, Unit.MINUTE, 2)]
+    rng = random.Random(20261128)
+    ms = 19_676 * 86_400_000  # an aligned day; windows change as the injected clock moves (minutes, not seconds:
+    try:  # Redis expires keys by its own clock, and none may expire during the test)
+        for _request in range(250):
+            ms += rng.choice([0, 0, 1, 250, 9_000, 31_000])
+            shape = [
+                (rng.choice("abc"), rng.choice(limits), rng.choice([0, 1, 1, 2, 4]), rng.random() < 0.2)
+                for _ in range(rng.randint(1, 4))
+            ]
+            answers = {}
+            for name, backend in backends.items():
+                # one key per period, as counter_key makes them (limits of one period may share a key: the first
+                # two do); keys of different periods never do (the memory backend expires by the injected clock)
+                hits = [
+                    Hit(f"eq:{{{tags[name]}}}:{k}{limit.period_s}", limit, cost, shadow=shadow)
+                    for k, limit, cost, shadow in shape
+                ]
+                answers[name] = await backend.hit(hits, ms / 1000)
+            assert answers["fast"] == answers["script"] == answers["memory"], (shape, ms)
+        with redis_standalone.client() as admin:
+            stored = {
+                name: {key.decode().split("}")[1]: int(admin.get(key)) for key in admin.keys(f"eq:{{{tags[name]}}}:*")}
+                for name in ("fast", "script")
+            }
+            assert stored["fast"] == stored["script"]
+            assert len(stored["fast"]) > 10
+            assert all(admin.pttl(key) > 0 for key in admin.keys(f"eq:{{{tags['fast']}}}:*"))  # all expire
+        assert fast.batches == 0
+        assert script.batches == 250
+    finally:
+        await fast.close()
+        await script.close()
+
+
 async def test_counts_and_blocks_like_the_contract(standalone: RedisBackend) -> None:
     key = _key()
     outcomes = [(await standalone.hit([_hit(key, 3)], NOW))[0] for _ in range(4)]
@@ -75,10 +141,11 @@ async def test_counts_and_blocks_like_the_contract(standalone: RedisBackend) -> 
     assert outcomes[0].reset_s == pytest.approx(60 - 20.25)
 
 
-async def test_concurrent_requests_are_coalesced_and_stay_exact(standalone: RedisBackend) -> None:
+async def test_concurrent_script_calls_are_coalesced_and_stay_exact(standalone: RedisBackend) -> None:
     key = _key()
     standalone.batches = standalone.batched_requests = 0
-    results = await asyncio.gather(*(standalone.hit([_hit(key, 10)], NOW) for _ in range(25)))
+    hit = _hit(key, 10, count_blocked=False)  # the script's path (the fast path has no batches)
+    results = await asyncio.gather(*(standalone.hit([hit], NOW) for _ in range(25)))
     assert sum(not outcome[0].over for outcome in results) == 10
     assert standalone.batched_requests == 25
     assert standalone.batches < 25  # several requests shared a script call
@@ -99,14 +166,14 @@ async def test_keys_expire_from_creation(redis_standalone: RedisServer, standalo
 
 
 async def test_noscript_after_script_flush_recovers(redis_standalone: RedisServer, standalone: RedisBackend) -> None:  # noqa: F811
-    key = _key()
-    await standalone.hit([_hit(key)], NOW)
+    hit = _hit(_key(), algorithm=Algorithm.SLIDING_WINDOW)
+    await standalone.hit([hit], NOW)
     with redis_standalone.client() as admin:
         admin.script_flush()
-        outcome = await standalone.hit([_hit(key)], NOW)
+        outcome = await standalone.hit([hit], NOW)
         assert outcome[0].remaining == 8
         admin.config_resetstat()
-        await standalone.hit([_hit(key)], NOW)
+        await standalone.hit([hit], NOW)
         assert command_calls(admin, "evalsha") == 1  # loaded again: back to one EVALSHA
         assert command_calls(admin, "eval") == 0
 
@@ -137,6 +204,45 @@ async def test_redis_down_then_back() -> None:
                 pytest.fail("the backend did not recover after Redis came back")
             print(f"recovered {1000 * (time.monotonic() - started):.1f} ms after Redis was ready")
             assert outcome[0].remaining == 9  # a fresh store
+            assert await backend.ping()
+        finally:
+            await backend.close()
+
+
+async def test_hung_redis_is_backend_unavailable_within_the_deadline_then_recovers() -> None:
+    with RedisServer() as server:
+        backend = RedisBackend.from_url(server.url, timeout_s=0.2)
+        try:
+            fast, script = _hit(_key()), _hit(_key(), count_blocked=False)
+            assert (await backend.hit([fast, script], NOW))[0].remaining == 9
+            with server.paused():
+                async with asyncio.timeout(5.0):  # never hangs: each call is bounded by its deadline
+                    for hits in ([fast], [script], [fast], [fast, script]):
+                        with pytest.raises(BackendUnavailable, match="TimeoutError"):
+                            await backend.hit(hits, NOW)
+                    # many at once share one deadline timer: each still times out on its own
+                    results = await asyncio.gather(
+                        *(backend.hit([fast] if i % 2 else [script], NOW) for i in range(6)), return_exceptions=True
+                    )
+                    assert all(isinstance(result, BackendUnavailable) for result in results), results
+                    # a caller's own cancellation stays a cancellation (not a backend failure)
+                    call = asyncio.ensure_future(backend.hit([fast], NOW))
+                    await asyncio.sleep(0.05)
+                    call.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await call
+                    assert not await backend.ping()
+            async with asyncio.timeout(5.0):
+                for _attempt in range(50):
+                    try:
+                        outcomes = await backend.hit([fast, script], NOW)
+                        break
+                    except BackendUnavailable:
+                        await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("the backend did not recover after Redis resumed")
+            # the calls that timed out may or may not have been applied (Redis ran them when it resumed)
+            assert outcomes[0].remaining in range(9)
             assert await backend.ping()
         finally:
             await backend.close()
@@ -205,3 +311,48 @@ async def test_sentinel_backend_counts(redis_sentinel: object) -> None:  # noqa:
         assert await backend.ping()
     finally:
         await backend.close()
+
+
+async def test_sentinel_failover_is_followed() -> None:
+    """After a failover the old master is a replica (READONLY) or gone: the lean client asks Sentinel again."""
+    with RedisSentinel() as sentinels:
+        backend = RedisBackend.from_url(sentinels.url, timeout_s=TIMEOUT_S)
+        try:
+            fast, script = _hit(_key()), _hit(_key(), count_blocked=False)
+            await backend.hit([fast, script], NOW)
+            old_port = sentinels.master_port()
+            with sentinels.sentinels[0].client() as admin:
+                for _attempt in range(200):  # bounded: the sentinel may not rate the fresh replica as good yet
+                    try:
+                        admin.execute_command("SENTINEL", "FAILOVER", RedisSentinel.MASTER_NAME)
+                        break
+                    except redis.ResponseError as error:
+                        if "NOGOODSLAVE" not in str(error):
+                            raise
+                        await asyncio.sleep(0.05)
+            for _attempt in range(400):  # bounded: ~20 s
+                if sentinels.master_port() != old_port:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("sentinel did not fail over")
+            with sentinels.master.client() as old_master:
+                # Until it is demoted the old master still takes writes (Sentinel's known window). The sentinels
+                # demote it at their next INFO poll (~10 s): do it now, as they would.
+                old_master.execute_command("REPLICAOF", "127.0.0.1", sentinels.master_port())
+            recovered = []
+            for _attempt in range(400):
+                try:
+                    recovered.append(await backend.hit([fast], NOW))
+                    recovered.append(await backend.hit([script], NOW))
+                    break
+                except BackendUnavailable:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the backend did not follow the failover")
+            assert backend.target.resp is not None
+            assert backend.target.resp.connects >= 2
+            with sentinels.replica.client() as new_master:
+                assert new_master.execute_command("ROLE")[0] == b"master"
+        finally:
+            await backend.close()
