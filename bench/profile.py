@@ -2,8 +2,9 @@
 
 ``python -m bench.profile micro [--calls N]``
     In one process, no Envoy: µs per call of each step of the bench request (RS256 token from the bench issuer,
-    the 20-rule bench policy) - gRPC parse + ``to_check_input``, ``Pipeline.decide`` (token cached), and each
-    transport's encoding of the answer. Our code's share, without any transport.
+    the 20-rule bench policy) - gRPC parse + ``to_check_input``, ``Pipeline.decide`` (token cached), each
+    transport's encoding of the answer, one whole HTTP request through the connection; then the ratelimit bench
+    request (3 descriptors) on the memory backend. Our code's share, without any transport.
 
 ``python -m bench.profile spy {grpc,http,floor-grpc,...} [--rate N] [--duration S] [--native] [--save F]``
     The bench stack (Envoy on core 0, ``meshgate serve extauthz`` + load generator on core 1) under fixed-rate
@@ -23,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench import loadgen
 from bench import runner as runner_mod
@@ -121,11 +123,82 @@ async def _micro(calls: int) -> list[tuple[str, float]]:
                 ("  decide: response.allow", lambda: allow(who, "items-read", Reason.ALLOWED, settings)),
                 ("  decide: observer.record", lambda: pipeline.observer.record(http_input, decision, 1e-5)),
                 ("http: encode_decision", lambda: encode_decision(decision)),
+                ("http: one request through the connection", _http_request(pipeline, issuer.headers())),
             ]
-            return [(name, _per_call_us(fn, calls)) for name, fn in steps]
+            return [(name, _per_call_us(fn, calls)) for name, fn in steps] + _ratelimit_steps(calls)
         finally:
             await pipeline.close()
             await registry.close()
+
+
+class _NullTransport:
+    """Stands in for the socket: the connection writes its answers here."""
+
+    def write(self, data: bytes) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+def _http_request(pipeline: object, auth: Mapping[str, str]) -> Callable[[], object]:
+    """One HTTP ext_authz request as Envoy sends it, through the connection: parse, input, decide, encode, write."""
+    from extauthz import http_adapter
+
+    head = f"GET {REQUEST_PATH} HTTP/1.1\r\nhost: 127.0.0.1:10000\r\ncontent-length: 0\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in auth.items())
+    head += "x-request-id: 5f0c6a4e-3b9a-4e5e-9a51-2f3c1d7b8e90\r\nx-forwarded-proto: http\r\n"
+    head += "x-envoy-expected-rq-timeout-ms: 1000\r\n\r\n"
+    wire = head.encode()
+    ctx = http_adapter._Context(lambda: pipeline, "", "/forward-auth", 65536, 1 << 20)  # type: ignore[arg-type,return-value]
+    connection = http_adapter._Connection(ctx)
+    connection.connection_made(_NullTransport())  # type: ignore[arg-type]
+    return lambda: connection.data_received(wire)
+
+
+def _ratelimit_steps(calls: int) -> list[tuple[str, float]]:
+    """The bench's ratelimit request (3 descriptors, bench/ratelimit) on the memory backend, step by step."""
+    from envoy.service.ratelimit.v3 import rls_pb2
+
+    from bench.scenarios import RATELIMIT_CONFIG, RATELIMIT_DOMAIN
+    from ratelimit.backends.memory import MemoryBackend
+    from ratelimit.config import load_config
+    from ratelimit.server import RateLimitServicer, RequestParser, to_response
+    from ratelimit.service import RateLimitService
+
+    config = load_config(RATELIMIT_CONFIG)
+    service = RateLimitService(lambda: config, MemoryBackend())
+    request = rls_pb2.RateLimitRequest(domain=RATELIMIT_DOMAIN)
+    for key, value in (("generic_key", "api"), ("user", "bench-user"), ("path", "reports")):
+        request.descriptors.add().entries.add(key=key, value=value)
+    wire = request.SerializeToString()
+    parser = RequestParser()
+    model = parser(wire)
+    servicer = RateLimitServicer(lambda: service)
+
+    def finish(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run a coroutine that never suspends (the memory backend answers at once)."""
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return done.value
+        coroutine.close()
+        raise RuntimeError("the memory backend suspended")
+
+    answer = finish(service.should_rate_limit(model))  # type: ignore[arg-type]
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("ratelimit: RequestParser (repeated request)", lambda: parser(wire)),
+        ("ratelimit: should_rate_limit (memory)", lambda: finish(service.should_rate_limit(model))),  # type: ignore[arg-type]
+        ("ratelimit: to_response", lambda: to_response(answer)),
+        ("ratelimit: ShouldRateLimit whole", lambda: finish(servicer.ShouldRateLimit(model, None))),
+    ]
+    return [(name, _per_call_us(fn, calls)) for name, fn in steps]
 
 
 # ---- spy ----------------------------------------------------------------------------------------------------
@@ -172,14 +245,14 @@ def _scenario(target: str) -> str:
 
 
 def _coalescing_counts(stack: runner_mod.Stack, redis_url: str) -> tuple[int, int, float]:
-    """(Envoy's RLS calls answered, Redis script calls, Redis µs in scripts) so far."""
+    """(Envoy's RLS calls answered, Redis calls (EVALSHA/EVAL scripts, MULTI/EXEC), Redis µs in them) so far."""
     from bench import runner
 
     if not redis_url:
         return (0, 0, 0.0)
     rls = runner._envoy_stats(stack.envoy).get("cluster.upstream.ratelimit.ok", 0)
     stats = runner.redis_commandstats(redis_url)
-    scripts = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
+    scripts = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval", "exec")]
     return rls, sum(int(s.get("calls", 0)) for s in scripts), sum(float(s.get("usec", 0)) for s in scripts)
 
 
@@ -187,7 +260,7 @@ def _coalescing(before: tuple[int, int, float], after: tuple[int, int, float]) -
     rls, calls, usec = (a - b for a, b in zip(after, before, strict=True))
     per = f"{rls / calls:.2f}" if calls else "-"
     cost = f"{usec / calls:.1f}" if calls else "-"
-    return f"coalescing: {rls:.0f} RLS calls -> {calls:.0f} Redis script calls ({per} requests/call; {cost} µs each)"
+    return f"coalescing: {rls:.0f} RLS calls -> {calls:.0f} Redis calls ({per} requests/call; {cost} µs each)"
 
 
 def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | None, service: int = -1) -> str:

@@ -167,7 +167,7 @@ def _redis_server(cpu: int | None) -> Iterator[tuple[str, int]]:
 
 def redis_commandstats(url: str) -> dict[str, dict[str, float]]:
     """Redis's per-command counters (calls, usec_per_call ...): EVALSHA calls / Envoy's RLS calls shows how far
-    the backend coalesces concurrent requests into one script call."""
+    the backend coalesces concurrent requests into one script call; EXEC calls count the MULTI/EXEC fast path."""
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=2)
