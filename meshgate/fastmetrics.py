@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -46,46 +47,6 @@ class CounterCell:
         self.value += amount
 
 
-class Counter(Collector):
-    """A labelled counter; ``labels(...)`` once, then ``inc()`` on the request path."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        registry: CollectorRegistry | None = REGISTRY,
-    ) -> None:
-        self.name = name.removesuffix("_total")
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._cells: dict[tuple[str, ...], CounterCell] = {}
-        self._unlabelled = None if self.labelnames else self.labels()
-        if registry is not None:
-            registry.register(self)
-
-    def labels(self, *values: str) -> CounterCell:
-        key = _label_values(self.labelnames, values)
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cells[key] = CounterCell()
-        return cell
-
-    def inc(self, amount: float = 1.0) -> None:
-        """For a counter without labels."""
-        (self._unlabelled or self.labels()).inc(amount)
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, cell in list(self._cells.items()):
-            family.add_metric(values, cell.value)
-        yield family
-
-    def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-
 class HistogramCell:
     """One labelled series of a ``Histogram``: a count per bucket (not cumulative) and the sum."""
 
@@ -102,7 +63,69 @@ class HistogramCell:
         self.sum += value
 
 
-class Histogram(Collector):
+CellT = TypeVar("CellT", CounterCell, HistogramCell)
+
+
+class _Family(Collector, Generic[CellT]):
+    """A metric's labelled series, each a cell made once by ``labels(...)`` and kept by the caller."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry | None
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._cells: dict[tuple[str, ...], CellT] = {}
+        self._unlabelled: CellT | None = None if self.labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def _new_cell(self) -> CellT:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> CellT:
+        key = _label_values(self.labelnames, values)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = self._new_cell()
+        return cell
+
+    def _the_cell(self) -> CellT:
+        """The series of a metric without labels."""
+        return self._unlabelled or self.labels()
+
+
+class Counter(_Family[CounterCell]):
+    """A labelled counter; ``labels(...)`` once, then ``inc()`` on the request path."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
+
+    def _new_cell(self) -> CounterCell:
+        return CounterCell()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """For a counter without labels."""
+        self._the_cell().inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, cell in list(self._cells.items()):
+            family.add_metric(values, cell.value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+class Histogram(_Family[HistogramCell]):
     """A labelled histogram with fixed buckets (``+Inf`` added); ``labels(...)`` once, then ``observe()``."""
 
     def __init__(
@@ -119,25 +142,15 @@ class Histogram(Collector):
             raise ValueError("buckets must be distinct and not empty")
         if bounds[-1] != _INF:
             bounds.append(_INF)
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._bounds = tuple(bounds)
-        self._cells: dict[tuple[str, ...], HistogramCell] = {}
-        self._unlabelled = None if self.labelnames else self.labels()
-        if registry is not None:
-            registry.register(self)
+        self._bounds = tuple(bounds)  # before the family makes its first cell
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramCell:
-        key = _label_values(self.labelnames, values)
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cells[key] = HistogramCell(self._bounds)
-        return cell
+    def _new_cell(self) -> HistogramCell:
+        return HistogramCell(self._bounds)
 
     def observe(self, value: float) -> None:
         """For a histogram without labels."""
-        (self._unlabelled or self.labels()).observe(value)
+        self._the_cell().observe(value)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -36,7 +36,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from meshgate.resp import Address, RespClient
+from meshgate.resp import Address, RespClient, checked_timeout
 
 Kind = Literal["standalone", "cluster", "sentinel"]
 
@@ -287,8 +287,7 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
     replaces a pooled connection that died (e.g. Redis restarted) without failing the call. The lean client bounds
     its connects by ``timeout_s`` and leaves calls to the caller's deadline (``meshgate.resp``).
     """
-    if not timeout_s > 0:
-        raise ValueError(f"Redis timeout must be > 0 seconds, got {timeout_s}")
+    checked_timeout(timeout_s)
     parsed = parse_url(url)
     common: dict[str, Any] = {
         "username": parsed.username,

@@ -40,6 +40,13 @@ class NoScriptError(RespError):
     """NOSCRIPT: the script's SHA is not in Redis's script cache (answer with EVAL of the source)."""
 
 
+def checked_timeout(timeout_s: float) -> float:
+    """``timeout_s`` if it is a usable Redis deadline (> 0 seconds; NaN is not), else ValueError."""
+    if not timeout_s > 0:
+        raise ValueError(f"Redis timeout must be > 0 seconds, got {timeout_s}")
+    return timeout_s
+
+
 def _reply_error(message: str) -> RespError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else RespError(message)
 
@@ -142,10 +149,8 @@ class RespClient:
         db: int = 0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"Redis timeout must be > 0 seconds, got {timeout_s}")
         self._address = address
-        self.timeout_s = timeout_s
+        self.timeout_s = checked_timeout(timeout_s)
         self._username = username
         self._password = password
         self._db = db

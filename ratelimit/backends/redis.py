@@ -120,10 +120,8 @@ class RedisBackend:
     """``CounterBackend`` on Redis standalone, Sentinel or Cluster (``meshgate.redis.RedisTarget``)."""
 
     def __init__(self, target: RedisTarget, *, timeout_s: float, coalesce: bool = True, fast_path: bool = True) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"Redis timeout must be > 0 seconds, got {timeout_s}")
         self.target = target
-        self.timeout_s = timeout_s
+        self.timeout_s = resp.checked_timeout(timeout_s)
         self.coalesce = coalesce
         self.fast_path = fast_path
         self._resp = target.resp
