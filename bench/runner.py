@@ -302,6 +302,12 @@ def _report(
         s.scenario.name: {k: {**_median(v), "cpu_us": statistics.median(s.cpu_us[k])} for k, v in s.runs.items()}
         for s in stacks
     }
+    rounds = {
+        s.scenario.name: {
+            k: [{**asdict(r), "cpu_us": c} for r, c in zip(v, s.cpu_us[k], strict=True)] for k, v in s.runs.items()
+        }
+        for s in stacks
+    }
     layout = (
         f"envoy: core {envoy_cpu}; upstream, services, redis-server, load generator: core {svc_cpu} (taskset)"
         if envoy_cpu is not None
@@ -332,6 +338,8 @@ def _report(
         "scenarios": scenarios,
         "references": {n: SCENARIOS[n].reference for n in names},
         "comparisons": compare(scenarios, {n: SCENARIOS[n].reference for n in names}),
+        "rounds": rounds,
+        "paired": paired(rounds, {n: SCENARIOS[n].reference for n in names}),
         "envoy_stats": {s.scenario.name: s.envoy_stats for s in stacks},
         "redis_commandstats": dict(redis_stats or {}),  # whole run, warm-up included
     }
@@ -380,6 +388,61 @@ def compare(
     return out
 
 
+def paired(
+    rounds: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]], references: Mapping[str, str | None]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The ratios of ``compare``, computed round by round against the reference's (and BASELINE's) same round.
+
+    The scenarios alternate within a round, so a round's pair ran minutes apart at most and saw the same machine:
+    slow drifts cancel out. Per scenario and ratio (``<load>_x_ref_<q>``, ``saturation_x_ref``,
+    ``<load>_cpu_x_ref``): the median, min and max over the rounds, which shows how far one run can be trusted.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    base = rounds.get(BASELINE, {})
+    for name, runs in rounds.items():
+        ref_name = references.get(name)
+        ref = rounds.get(ref_name) if ref_name and ref_name != name else None
+        if ref is None:
+            continue
+        per_round: dict[str, list[float]] = {}
+        for key, results in runs.items():
+            for i, (mine, theirs) in enumerate(zip(results, ref.get(key, ()), strict=False)):
+                if key == "saturation":
+                    if theirs["rps"] > 0:
+                        per_round.setdefault("saturation_x_ref", []).append(mine["rps"] / theirs["rps"])
+                    continue
+                if theirs.get("cpu_us", 0) > 0:
+                    per_round.setdefault(f"{key}_cpu_x_ref", []).append(mine["cpu_us"] / theirs["cpu_us"])
+                base_runs = base.get(key, ())
+                if i >= len(base_runs) or ref_name == BASELINE:
+                    continue
+                for q in ("p50", "p99"):
+                    ref_added = theirs[f"{q}_ms"] - base_runs[i][f"{q}_ms"]
+                    if ref_added > 0:
+                        ratio = (mine[f"{q}_ms"] - base_runs[i][f"{q}_ms"]) / ref_added
+                        per_round.setdefault(f"{key}_x_ref_{q}", []).append(ratio)
+        out[name] = {
+            metric: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            for metric, values in per_round.items()
+        }
+    return out
+
+
+def _paired_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, metrics in report.get("paired", {}).items():
+        ref = report.get("references", {}).get(name)
+        parts = [
+            f"{metric.replace('_x_ref', '')} {m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}]"
+            for metric, m in metrics.items()
+        ]
+        if parts:
+            lines.append(f"{name} vs {ref}: " + ", ".join(parts))
+    if not lines:
+        return []
+    return ["", "paired per round (median [min-max] of each round's ratio to vs's same round):", *lines]
+
+
 def _short_version(text: str) -> str:
     found = re.search(r"/(\d+\.\d+\.\d+)/", text)
     return found[1] if found else text
@@ -424,5 +487,6 @@ def table(report: Mapping[str, Any]) -> str:
         "x+p50/x+p99: added latency / vs's added latency; x p99: p99 / vs's p99; sat x: saturation rps / vs's;",
         "cpu us: CPU per request of the scenario's services (+ redis-server); cpu x: that / vs's",
         "(saturation shares core 1 with the load generator).",
+        *_paired_lines(report),
     ]
     return "\n".join(lines)

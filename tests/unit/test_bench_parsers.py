@@ -108,3 +108,28 @@ def test_process_cpu_counts_this_process_and_ignores_gone_ones() -> None:
     after = runner.process_cpu_s([os.getpid()])
     assert after > before  # the kernel counts in clock ticks (10 ms): 50 ms of work always shows
     assert runner.process_cpu_s([2**22 + 7]) == 0.0  # above pid_max: never a live process
+
+
+def test_paired_ratios_are_taken_round_by_round() -> None:
+    def run(p50: float, rps: float = 500.0, cpu_us: float = 10.0) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p50 * 2, "rps": rps, "cpu_us": cpu_us}
+
+    # Round 2 is slow for everyone (the machine got busy): the paired ratio stays put, a ratio of medians would not.
+    rounds = {
+        "passthrough": {"500": [run(0.3), run(0.9), run(0.3)], "saturation": [run(1, 9000)] * 3},
+        "floor-http": {"500": [run(0.5), run(1.1), run(0.5)], "saturation": [run(1, 8000), run(1, 4000), run(1, 8000)]},
+        "extauthz-http": {
+            "500": [run(0.6, cpu_us=30), run(1.2, cpu_us=20), run(0.7, cpu_us=30)],
+            "saturation": [run(1, 7600), run(1, 3800), run(1, 7200)],
+        },
+    }
+    references = {"passthrough": None, "floor-http": "floor-http", "extauthz-http": "floor-http"}
+    rows = runner.paired(rounds, references)
+    assert set(rows) == {"extauthz-http"}  # a scenario is not paired with itself, and passthrough has no reference
+    row = rows["extauthz-http"]
+    assert row["500_x_ref_p50"] == pytest.approx({"median": 1.5, "min": 1.5, "max": 2.0})
+    assert row["saturation_x_ref"] == pytest.approx({"median": 0.95, "min": 0.9, "max": 0.95})
+    assert row["500_cpu_x_ref"] == pytest.approx({"median": 3.0, "min": 2.0, "max": 3.0})
+    lines = runner._paired_lines({"paired": rows, "references": references})
+    ours = [line for line in lines if line.startswith("extauthz-http vs floor-http: ")]
+    assert len(ours) == 1 and "saturation 0.95 [0.90-0.95]" in ours[0]
