@@ -394,8 +394,9 @@ def paired(
     """The ratios of ``compare``, computed round by round against the reference's (and BASELINE's) same round.
 
     The scenarios alternate within a round, so a round's pair ran minutes apart at most and saw the same machine:
-    slow drifts cancel out. Per scenario and ratio (``<load>_x_ref_<q>``, ``saturation_x_ref``,
-    ``<load>_cpu_x_ref``): the median, min and max over the rounds, which shows how far one run can be trusted.
+    slow drifts cancel out. Per scenario and ratio (``<load>_x_ref_<q>``, ``<load>_raw_x_ref_p99``,
+    ``saturation_x_ref``, ``<load>_cpu_x_ref``): the median, min and max over the rounds, which shows how far one
+    run can be trusted.
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
     base = rounds.get(BASELINE, {})
@@ -413,6 +414,8 @@ def paired(
                     continue
                 if theirs.get("cpu_us", 0) > 0:
                     per_round.setdefault(f"{key}_cpu_x_ref", []).append(mine["cpu_us"] / theirs["cpu_us"])
+                if theirs["p99_ms"] > 0:  # issue 3's Redis-vs-memory target is on plain p99
+                    per_round.setdefault(f"{key}_raw_x_ref_p99", []).append(mine["p99_ms"] / theirs["p99_ms"])
                 base_runs = base.get(key, ())
                 if i >= len(base_runs) or ref_name == BASELINE:
                     continue

@@ -130,6 +130,7 @@ def test_paired_ratios_are_taken_round_by_round() -> None:
     assert row["500_x_ref_p50"] == pytest.approx({"median": 1.5, "min": 1.5, "max": 2.0})
     assert row["saturation_x_ref"] == pytest.approx({"median": 0.95, "min": 0.9, "max": 0.95})
     assert row["500_cpu_x_ref"] == pytest.approx({"median": 3.0, "min": 2.0, "max": 3.0})
+    assert row["500_raw_x_ref_p99"] == pytest.approx({"median": 1.2, "min": 1.09, "max": 1.4}, abs=0.005)
     lines = runner._paired_lines({"paired": rows, "references": references})
     ours = [line for line in lines if line.startswith("extauthz-http vs floor-http: ")]
     assert len(ours) == 1 and "saturation 0.95 [0.90-0.95]" in ours[0]
