@@ -350,8 +350,33 @@ def _report(
     return report
 
 
+Figures = Mapping[str, float]  # one load's figures: p50_ms, p99_ms, rps, cpu_us ... (a median or one round's)
+
+
+def _ratios(key: str, mine: Figures, theirs: Figures | None, base: Figures | None) -> dict[str, float | None]:
+    """One load's comparison with the reference (``theirs``) and BASELINE (``base``), either when missing."""
+    row: dict[str, float | None] = {}
+    if theirs is not None and mine.get("cpu_us") and theirs.get("cpu_us"):
+        row[f"{key}_cpu_x_ref"] = mine["cpu_us"] / theirs["cpu_us"]
+    if key == "saturation":
+        if theirs is not None and theirs["rps"]:
+            row["saturation_x_ref"] = mine["rps"] / theirs["rps"]
+        return row
+    for q in ("p50", "p99"):
+        if theirs is not None and theirs[f"{q}_ms"] > 0:
+            row[f"{key}_raw_x_ref_{q}"] = mine[f"{q}_ms"] / theirs[f"{q}_ms"]
+        if base is None:
+            continue
+        added = mine[f"{q}_ms"] - base[f"{q}_ms"]
+        row[f"{key}_added_{q}_ms"] = added
+        if theirs is not None:
+            ref_added = theirs[f"{q}_ms"] - base[f"{q}_ms"]
+            row[f"{key}_x_ref_{q}"] = added / ref_added if ref_added > 0 else None
+    return row
+
+
 def compare(
-    scenarios: Mapping[str, Mapping[str, Mapping[str, float]]], references: Mapping[str, str | None]
+    scenarios: Mapping[str, Mapping[str, Figures]], references: Mapping[str, str | None]
 ) -> dict[str, dict[str, float | None]]:
     """Per scenario, against its reference scenario (``references``: name -> reference name or None):
 
@@ -362,41 +387,25 @@ def compare(
     service core but the load generator and the upstream).
     """
     out: dict[str, dict[str, float | None]] = {}
-    base = scenarios.get(BASELINE)
+    base = scenarios.get(BASELINE, {})
     for name, runs in scenarios.items():
         ref_name = references.get(name)
-        ref = scenarios.get(ref_name) if ref_name else None
+        ref = scenarios.get(ref_name, {}) if ref_name else {}
         row: dict[str, float | None] = {}
         for key, med in runs.items():
-            if ref and key in ref and med.get("cpu_us") and ref[key].get("cpu_us"):
-                row[f"{key}_cpu_x_ref"] = med["cpu_us"] / ref[key]["cpu_us"]
-            if key == "saturation":
-                if ref and "saturation" in ref and ref["saturation"]["rps"]:
-                    row["saturation_x_ref"] = med["rps"] / ref["saturation"]["rps"]
-                continue
-            for q in ("p50", "p99"):
-                if ref and key in ref and ref[key][f"{q}_ms"] > 0:
-                    row[f"{key}_raw_x_ref_{q}"] = med[f"{q}_ms"] / ref[key][f"{q}_ms"]
-                if base is None or key not in base:
-                    continue
-                added = med[f"{q}_ms"] - base[key][f"{q}_ms"]
-                row[f"{key}_added_{q}_ms"] = added
-                if ref and key in ref:
-                    ref_added = ref[key][f"{q}_ms"] - base[key][f"{q}_ms"]
-                    row[f"{key}_x_ref_{q}"] = added / ref_added if ref_added > 0 else None
+            row.update(_ratios(key, med, ref.get(key), base.get(key)))
         out[name] = row
     return out
 
 
 def paired(
-    rounds: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]], references: Mapping[str, str | None]
+    rounds: Mapping[str, Mapping[str, Sequence[Figures]]], references: Mapping[str, str | None]
 ) -> dict[str, dict[str, dict[str, float]]]:
     """The ratios of ``compare``, computed round by round against the reference's (and BASELINE's) same round.
 
     The scenarios alternate within a round, so a round's pair ran minutes apart at most and saw the same machine:
-    slow drifts cancel out. Per scenario and ratio (``<load>_x_ref_<q>``, ``<load>_raw_x_ref_p99``,
-    ``saturation_x_ref``, ``<load>_cpu_x_ref``): the median, min and max over the rounds, which shows how far one
-    run can be trusted.
+    slow drifts cancel out. Per scenario and ratio (every ``*_x_ref*`` key of ``compare``): the median, min and max
+    over the rounds, which shows how far one run can be trusted.
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
     base = rounds.get(BASELINE, {})
@@ -407,23 +416,12 @@ def paired(
             continue
         per_round: dict[str, list[float]] = {}
         for key, results in runs.items():
+            base_runs = base.get(key, ())
             for i, (mine, theirs) in enumerate(zip(results, ref.get(key, ()), strict=False)):
-                if key == "saturation":
-                    if theirs["rps"] > 0:
-                        per_round.setdefault("saturation_x_ref", []).append(mine["rps"] / theirs["rps"])
-                    continue
-                if theirs.get("cpu_us", 0) > 0:
-                    per_round.setdefault(f"{key}_cpu_x_ref", []).append(mine["cpu_us"] / theirs["cpu_us"])
-                if theirs["p99_ms"] > 0:  # issue 3's Redis-vs-memory target is on plain p99
-                    per_round.setdefault(f"{key}_raw_x_ref_p99", []).append(mine["p99_ms"] / theirs["p99_ms"])
-                base_runs = base.get(key, ())
-                if i >= len(base_runs) or ref_name == BASELINE:
-                    continue
-                for q in ("p50", "p99"):
-                    ref_added = theirs[f"{q}_ms"] - base_runs[i][f"{q}_ms"]
-                    if ref_added > 0:
-                        ratio = (mine[f"{q}_ms"] - base_runs[i][f"{q}_ms"]) / ref_added
-                        per_round.setdefault(f"{key}_x_ref_{q}", []).append(ratio)
+                ratios = _ratios(key, mine, theirs, base_runs[i] if i < len(base_runs) else None)
+                for metric, value in ratios.items():
+                    if "_x_ref" in metric and value is not None:
+                        per_round.setdefault(metric, []).append(value)
         out[name] = {
             metric: {"median": statistics.median(values), "min": min(values), "max": max(values)}
             for metric, values in per_round.items()
