@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -315,17 +315,22 @@ class RedisSentinel:
 
 
 # One shared instance of each kind per process, so every module importing the fixtures reuses the same servers.
-_shared: dict[str, RedisServer | RedisCluster | RedisSentinel] = {}
+_shared: dict[type, RedisServer | RedisCluster | RedisSentinel] = {}
 _shared_lock = threading.Lock()
+SharedT = TypeVar("SharedT", RedisServer, RedisCluster, RedisSentinel)
 
 
-def _shared_instance(kind: str) -> RedisServer | RedisCluster | RedisSentinel:
+def _shared_instance(kind: type[SharedT]) -> SharedT:
+    """The process's one running ``kind``, started on first use; the test skips without redis-server."""
+    _require_redis()
     with _shared_lock:
-        if kind not in _shared:
-            made = {"standalone": RedisServer, "cluster": RedisCluster, "sentinel": RedisSentinel}[kind]()
-            made.start()
+        made = _shared.get(kind)
+        if made is None:
+            made = kind()
+            made.start()  # cached only once running: a failed start is retried by the next test
             _shared[kind] = made
-        return _shared[kind]
+        assert isinstance(made, kind)
+        return made
 
 
 @atexit.register
@@ -342,26 +347,17 @@ def _require_redis() -> None:
 
 @pytest.fixture(scope="session")
 def redis_standalone() -> RedisServer:
-    _require_redis()
-    server = _shared_instance("standalone")
-    assert isinstance(server, RedisServer)
-    return server
+    return _shared_instance(RedisServer)
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> RedisCluster:
-    _require_redis()
-    cluster = _shared_instance("cluster")
-    assert isinstance(cluster, RedisCluster)
-    return cluster
+    return _shared_instance(RedisCluster)
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel() -> RedisSentinel:
-    _require_redis()
-    sentinel = _shared_instance("sentinel")
-    assert isinstance(sentinel, RedisSentinel)
-    return sentinel
+    return _shared_instance(RedisSentinel)
 
 
 @pytest.fixture
