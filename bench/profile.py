@@ -123,7 +123,8 @@ async def _micro(calls: int) -> list[tuple[str, float]]:
                 ("  decide: response.allow", lambda: allow(who, "items-read", Reason.ALLOWED, settings)),
                 ("  decide: observer.record", lambda: pipeline.observer.record(http_input, decision, 1e-5)),
                 ("http: encode_decision", lambda: encode_decision(decision)),
-                ("http: one request through the connection", _http_request(pipeline, issuer.headers())),
+                ("http: one request through the connection, parsed", _http_request(pipeline, issuer.headers(), False)),
+                ("http: one request through the connection, remembered", _http_request(pipeline, issuer.headers())),
             ]
             return [(name, _per_call_us(fn, calls)) for name, fn in steps] + _ratelimit_steps(calls)
         finally:
@@ -147,13 +148,18 @@ class _NullTransport:
         return default
 
 
-def _http_request(pipeline: object, auth: Mapping[str, str]) -> Callable[[], object]:
-    """One HTTP ext_authz request as Envoy sends it, through the connection: parse, input, decide, encode, write."""
+def _http_request(pipeline: object, auth: Mapping[str, str], remembered: bool = True) -> Callable[[], object]:
+    """One HTTP ext_authz request as Envoy sends it, through the connection: parse, input, decide, encode, write.
+
+    ``remembered``: answered as an identical earlier request (Envoy's spelling of the request id); else the id is
+    spelt so that the request is never remembered, and every call is parsed.
+    """
     from extauthz import http_adapter
 
     head = f"GET {REQUEST_PATH} HTTP/1.1\r\nhost: 127.0.0.1:10000\r\ncontent-length: 0\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in auth.items())
-    head += "x-request-id: 5f0c6a4e-3b9a-4e5e-9a51-2f3c1d7b8e90\r\nx-forwarded-proto: http\r\n"
+    request_id = "x-request-id" if remembered else "X-Request-Id"
+    head += f"{request_id}: 5f0c6a4e-3b9a-4e5e-9a51-2f3c1d7b8e90\r\nx-forwarded-proto: http\r\n"
     head += "x-envoy-expected-rq-timeout-ms: 1000\r\n\r\n"
     wire = head.encode()
     ctx = http_adapter._Context(lambda: pipeline, "", "/forward-auth", 65536, 1 << 20)  # type: ignore[arg-type,return-value]

@@ -54,11 +54,11 @@ def _subject(decision: Decision) -> tuple[str, str]:
     return identity.kind.value, identity.subject
 
 
-def audit_entry(inp: CheckInput, decision: Decision, elapsed_s: float) -> dict[str, Any]:
-    """The audit record's fields (the logger adds ``time``)."""
+def audit_entry(inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> dict[str, Any]:
+    """The audit record's fields (the logger adds ``time``); ``request_id`` overrides ``inp``'s."""
     kind, subject = _subject(decision)
     return {
-        "request_id": inp.request_id,
+        "request_id": inp.request_id if request_id is None else request_id,
         "identity_kind": kind,
         "subject": subject,
         "method": inp.method,
@@ -79,7 +79,7 @@ class AuditObserver:
         # Children resolved once per (result, reason): the request path only looks them up.
         self._counters: dict[tuple[bool, str], Any] = {}
 
-    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None:
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None:
         key = (decision.allowed, decision.reason.value)
         counter = self._counters.get(key)
         if counter is None:
@@ -89,4 +89,4 @@ class AuditObserver:
         CHECK_DURATION.observe(elapsed_s)
         if decision.allowed and (self._sample_rate <= 0 or self._rng() >= self._sample_rate):
             return
-        _audit.info("decision", extra=audit_entry(inp, decision, elapsed_s))
+        _audit.info("decision", extra=audit_entry(inp, decision, elapsed_s, request_id))

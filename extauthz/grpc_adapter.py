@@ -17,7 +17,7 @@ from google.rpc import status_pb2
 
 from extauthz.identity.base import RefreshNeeded
 from extauthz.model import CheckInput, Decision, Reason
-from extauthz.pipeline import Pipeline
+from extauthz.pipeline import REQUEST_ID_HEADER, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def to_check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
         query=query,
         headers=headers,
         source_principal=attributes.source.principal,
-        request_id=headers.get("x-request-id") or http.id,
+        request_id=headers.get(REQUEST_ID_HEADER) or http.id,
         context_extensions=attributes.context_extensions,  # read in place too
     )
 

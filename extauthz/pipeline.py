@@ -4,6 +4,8 @@
 case: cached keys, cached tokens). Only when a provider asks for I/O (an unknown JWT ``kid``) does ``check`` await.
 Allow decisions are cached by exactly the request attributes that the providers and the rules read, never past the
 identity's expiry (token ``exp``, API-key expiry) nor ``DECISION_TTL_S``; denials are always decided afresh.
+A transport may also remember an allowed request by its own encoding of it (``remember_request``) and answer an
+identical one later without parsing it (``recall``), under the same expiry.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
 from extauthz import response
@@ -24,17 +26,23 @@ log = logging.getLogger(__name__)
 
 ALLOW_MEMO_SIZE = 4096
 DECISION_CACHE_SIZE = 10_000
+REQUEST_CACHE_SIZE = 4096  # whole requests (about 1 KiB each with a JWT) remembered by a transport
+REQUEST_ID_HEADER = "x-request-id"
 DECISION_TTL_S = 60.0  # an allow is re-derived at least this often, even for identities that never expire
 
 
 class DecisionObserver(Protocol):
-    """Audit log and metrics: told about every decision with its latency."""
+    """Audit log and metrics: told about every decision with its latency.
 
-    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None: ...
+    ``request_id`` is given when ``inp`` is the remembered input of an identical earlier request (``recall``):
+    it is this request's id, to use instead of ``inp.request_id``.
+    """
+
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None: ...
 
 
 class NullObserver:
-    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None:
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None:
         return None
 
 
@@ -67,6 +75,9 @@ class Pipeline:
         self._key_headers = tuple(sorted({name for names in declared if names is not None for name in names}))
         self._key_query = any(getattr(provider, "reads_query", True) for provider in self.providers)
         self._decisions: dict[tuple[str | None, ...], tuple[Decision, float]] = {}
+        # Whole requests a transport remembered: only sound when the request id cannot change the decision.
+        self._remembers_requests = self._cache_enabled and REQUEST_ID_HEADER not in self._key_headers
+        self._requests: dict[Hashable, tuple[Decision, float, CheckInput]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -152,14 +163,48 @@ class Pipeline:
             *[headers.get(name) for name in self._key_headers],
         )
 
-    def _remember(self, key: tuple[str | None, ...], decision: Decision) -> None:
-        """Cache an allow until its identity expires (a token past ``exp`` is never answered from here)."""
+    def _valid_until(self, decision: Decision) -> float:
+        """How long an allow may be reused: never past its identity's expiry (a token's ``exp``)."""
         until = self._wall_clock() + DECISION_TTL_S
         if decision.identity is not None:
             until = min(until, decision.identity.expires_at)
+        return until
+
+    def _remember(self, key: tuple[str | None, ...], decision: Decision) -> None:
         if len(self._decisions) >= DECISION_CACHE_SIZE:
             self._decisions.clear()  # cheaper than LRU bookkeeping per call; hot requests come back at once
-        self._decisions[key] = (decision, until)
+        self._decisions[key] = (decision, self._valid_until(decision))
+
+    def remember_request(self, key: Hashable, inp: CheckInput, decision: Decision) -> None:
+        """Let a transport answer this request again without parsing it (allows only).
+
+        ``key`` is the transport's encoding of every part of the request that ``inp`` was parsed from, except the
+        request id: two requests with equal keys must parse to equal inputs apart from ``request_id``.
+        """
+        if not (self._remembers_requests and decision.allowed):
+            return
+        if len(self._requests) >= REQUEST_CACHE_SIZE:
+            self._requests.clear()
+        self._requests[key] = (decision, self._valid_until(decision), inp)
+
+    def recall(self, key: Hashable, request_id: str, answer: Callable[[Decision], object]) -> bool:
+        """Give ``answer`` the allow remembered under ``key`` while it is valid, then record it as this request's
+        decision (after answering: the answer goes out first). False when there is none."""
+        started = self._clock()
+        entry = self._requests.get(key)
+        if entry is None:
+            return False
+        decision, until, inp = entry
+        if until <= self._wall_clock():
+            del self._requests[key]
+            return False
+        elapsed = self._clock() - started
+        answer(decision)
+        try:
+            self.observer.record(inp, decision, elapsed, request_id)
+        except Exception:  # answered already: a failing audit log or metric must not answer twice
+            log.exception("recording a remembered decision failed")
+        return True
 
     async def check(self, inp: CheckInput) -> Decision:
         """Answer, awaiting a key refresh if one is needed, within the deadline. Never raises."""

@@ -311,6 +311,27 @@ def test_bad_policy_is_rejected_and_the_old_one_keeps_serving(stack: Stack) -> N
         _wait_until(lambda: get(port, "/orders", bearer(stack.token()))[0] == 200)
 
 
+def test_repeated_identical_requests_follow_a_key_revocation(stack: Stack) -> None:
+    """Envoy sends the same bytes for a repeated request (but its x-request-id), and the HTTP mode answers those
+    from memory: a revoked key must still be refused from the next request on, in both modes."""
+    keys_file = stack.policy.parent / "keys.yaml"
+    good = keys_file.read_text()
+    request = {"x-api-key": API_KEYS["current"]}
+    for mode in MODES:
+        for _ in range(5):
+            assert get(stack.envoy_ports[mode], "/reports/daily", request)[0] == 200
+    try:
+        keys_file.write_text(good.replace("{id: current, sha256:", "{id: current, revoked: true, sha256:"))
+        for mode in MODES:
+            _wait_until(lambda mode=mode: get(stack.envoy_ports[mode], "/reports/daily", request)[0] == 401)
+            status, _, body = get(stack.envoy_ports[mode], "/reports/daily", request)
+            assert (status, body["error"]["code"]) == (401, "api_key_revoked")
+    finally:
+        keys_file.write_text(good)
+        for mode in MODES:
+            _wait_until(lambda mode=mode: get(stack.envoy_ports[mode], "/reports/daily", request)[0] == 200)
+
+
 def test_forged_xfcc_without_mtls_is_not_an_identity(port: int) -> None:
     """Envoy sanitizes x-forwarded-client-cert on plain connections: a client cannot claim a workload identity."""
     forged = {

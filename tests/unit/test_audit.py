@@ -125,3 +125,9 @@ def test_identity_kind_and_subject(identity: Identity, kind: str, subject: str) 
     entry = audit_entry(INPUT, allow(identity), 0.0)
     assert (entry["identity_kind"], entry["subject"], entry["rule"]) == (kind, subject, "users")
     assert entry["request_id"] == "r-1"  # from the input when the decision has none
+
+
+def test_a_remembered_input_is_logged_under_this_requests_id() -> None:
+    """A transport answering an identical earlier request passes this request's id along with the old input."""
+    entry = audit_entry(INPUT, allow(Identity(kind=IdentityKind.JWT, subject="alice")), 0.0, "r-2")
+    assert entry["request_id"] == "r-2"

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from extauthz.config import ResponseSettings
-from extauthz.http_adapter import HttpListener, encode_decision, start_http_listener
-from extauthz.model import CheckInput, Decision, Identity, IdentityKind, Reason
+from extauthz.http_adapter import HttpListener, encode_decision, request_key, start_http_listener
+from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, IdentityKind, Reason
 from extauthz.pipeline import Pipeline
+from extauthz.policy_api import Verdict
 from tests.unit.test_grpc_adapter import FakePolicy, FakeProvider, make_pipeline
 
 
@@ -375,3 +376,134 @@ async def test_allow_bytes_are_encoded_once_per_decision() -> None:
     first = ctx.encode(allow, head=False, close=False)
     assert ctx.encode(allow, head=True, close=False) is first
     assert ctx.encode(allow, head=False, close=True).endswith(b"connection: close\r\n\r\n")
+
+
+# -- identical requests answered without parsing ------------------------------------------------------------------
+class DeclaredProvider(GatedProvider):
+    """Declares what it reads, as the real providers do, so the pipeline may remember whole requests."""
+
+    request_headers = frozenset({"authorization"})
+    reads_query = True
+
+
+class DeclaredPolicy(FakePolicy):
+    header_names: frozenset[str] = frozenset()
+
+
+class IdRecorder:
+    """(request id, recalled?) of every decision the pipeline records."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bool]] = []
+
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None:
+        self.seen.append((inp.request_id if request_id is None else request_id, request_id is not None))
+
+
+class Remembering:
+    def __init__(self, listener: HttpListener, provider: DeclaredProvider) -> None:
+        self.listener = listener
+        self.provider = provider
+        self.recorder = IdRecorder()
+        self.pipeline = Pipeline([provider], DeclaredPolicy(), ResponseSettings(), observer=self.recorder)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.listener.port)
+
+
+@pytest.fixture
+async def remembering() -> AsyncIterator[Remembering]:
+    holder: dict[str, Remembering] = {}
+    listener = await start_http_listener("127.0.0.1", 0, lambda: holder["h"].pipeline)
+    holder["h"] = Remembering(listener, DeclaredProvider())
+    yield holder["h"]
+    await listener.stop(1.0)
+
+
+def envoy_request(request_id: str, path: str = "/x", token: str = "good-alice", extra: str = "") -> bytes:  # noqa: S107
+    """As Envoy sends it: lower-case names, the request id among the headers."""
+    return (
+        f"GET {path} HTTP/1.1\r\nhost: api.example\r\ncontent-length: 0\r\nx-request-id: {request_id}\r\n"
+        f"authorization: Bearer {token}\r\n{extra}x-envoy-expected-rq-timeout-ms: 1000\r\n\r\n"
+    ).encode()
+
+
+async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> Response:
+    writer.write(payload)
+    return await read_response(reader)
+
+
+def test_request_key_takes_out_the_lower_case_request_id_line_only() -> None:
+    key, request_id = request_key(envoy_request("r-1")) or (b"", "")
+    assert request_id == "r-1"
+    assert key == request_key(envoy_request("r-2"))[0]  # type: ignore[index]
+    assert b"r-1" not in key and b"authorization: Bearer good-alice\r\n" in key
+    assert request_key(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n") == (b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", "")
+    assert request_key(b"GET / HTTP/1.1\r\nhost: a\r\n") is None  # header section not complete
+    body = b"POST / HTTP/1.1\r\ncontent-length: 20\r\n\r\n\r\nx-request-id: r-9\r\n"
+    assert request_key(body) == (body, "")  # only the header section is searched
+
+
+async def test_an_identical_request_is_answered_again_under_its_own_id(remembering: Remembering) -> None:
+    reader, writer = await remembering.connect()
+    first = await ask(reader, writer, envoy_request("r-1"))
+    second = await ask(reader, writer, envoy_request("r-2"))
+    other_path = await ask(reader, writer, envoy_request("r-3", path="/y"))
+    assert first.status == second.status == other_path.status == 200
+    assert first.headers == second.headers and second.headers["x-auth-subject"] == "alice"
+    assert remembering.recorder.seen == [("r-1", False), ("r-2", True), ("r-3", False)]
+    writer.close()
+
+
+class NoAdminsPolicy(DeclaredPolicy):
+    def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
+        if inp.path.startswith("/admin"):
+            return Verdict(False, 403, Reason.FORBIDDEN, rule="no-admins", message="forbidden")
+        return super().evaluate(inp, identity, auth_error)
+
+
+async def test_a_reload_ends_remembered_answers(remembering: Remembering) -> None:
+    reader, writer = await remembering.connect()
+    assert (await ask(reader, writer, envoy_request("r-1", path="/admin", token="good-bob-admin"))).status == 200
+    # A reload swaps the pipeline: what the old one remembered is not used, the new policy answers.
+    remembering.pipeline = Pipeline([remembering.provider], NoAdminsPolicy(), ResponseSettings())
+    assert (await ask(reader, writer, envoy_request("r-2", path="/admin", token="good-bob-admin"))).status == 403
+    writer.close()
+
+
+async def test_only_one_whole_kept_alive_allowed_request_per_read_is_remembered(remembering: Remembering) -> None:
+    reader, writer = await remembering.connect()
+    two = envoy_request("r-1") + envoy_request("r-1", path="/y")  # one id for both: only the count tells them apart
+    for _ in range(2):  # two requests in one read: both answered, in order, every time; neither remembered
+        writer.write(two)
+        answers = [await read_response(reader) for _ in range(2)]
+        assert [answer.status for answer in answers] == [200, 200]
+    denied = envoy_request("r-3", token="bad")
+    assert (await ask(reader, writer, denied)).status == 401
+    mixed_case = envoy_request("r-4").replace(b"x-request-id", b"X-Request-Id")
+    assert (await ask(reader, writer, mixed_case)).status == 200
+    head, tail = envoy_request("r-5", path="/z")[:30], envoy_request("r-5", path="/z")[30:]
+    writer.write(head)
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    assert (await ask(reader, writer, tail)).status == 200  # one request over two reads
+    writer.close()
+    reader, writer = await remembering.connect()
+    answer = await ask(reader, writer, envoy_request("r-6", path="/w", extra="connection: close\r\n"))
+    assert answer.headers["connection"] == "close"
+    writer.close()
+    assert remembering.pipeline._requests == {}
+    assert all(not recalled for _, recalled in remembering.recorder.seen)
+
+
+async def test_a_remembered_answer_waits_for_the_answers_owed_before_it(remembering: Remembering) -> None:
+    reader, writer = await remembering.connect()
+    await ask(reader, writer, envoy_request("r-1"))
+    writer.write(envoy_request("r-2", path="/slow", token="refresh"))
+    await asyncio.sleep(0.05)
+    writer.write(envoy_request("r-3"))  # remembered, but an answer is still owed before it
+    await asyncio.sleep(0.05)
+    remembering.provider.gate.set()
+    slow, again = await read_response(reader), await read_response(reader)
+    assert (slow.headers["x-auth-subject"], again.headers["x-auth-subject"]) == ("refresh", "alice")
+    writer.close()

@@ -83,9 +83,11 @@ class Policy:
 class Recorder:
     def __init__(self) -> None:
         self.seen: list[tuple[Decision, float]] = []
+        self.request_ids: list[str] = []
 
-    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float) -> None:
+    def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None:
         self.seen.append((decision, elapsed_s))
+        self.request_ids.append(inp.request_id if request_id is None else request_id)
 
 
 def make(*providers: object, deadline_s: float = 1.0) -> tuple[Pipeline, Recorder]:
@@ -328,3 +330,77 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for user in ("a", "b", "c", "d"):
         pipeline.decide(request(user))
     assert len(pipeline._decisions) <= 2
+
+
+# -- whole requests remembered by a transport --------------------------------------------------------------------
+def test_a_remembered_request_is_answered_again_and_recorded_under_its_own_id() -> None:
+    now = [100.0]
+    pipeline, provider, recorder = cached_pipeline(now)
+    inp = request(**{"x-request-id": "a"})
+    decision = pipeline.decide(inp)
+    pipeline.remember_request(b"GET /p alice", inp, decision)
+    answers: list[Decision] = []
+    assert pipeline.recall(b"GET /p alice", "b", answers.append)
+    assert answers == [decision] and provider.calls == 1
+    assert recorder.request_ids == ["a", "b"]  # observed like any decision, with this request's id
+    assert not pipeline.recall(b"GET /p bob", "c", answers.append)  # never remembered: nothing answered
+    assert answers == [decision] and len(recorder.seen) == 2
+
+
+def test_a_remembered_request_ends_with_its_identity() -> None:
+    now = [100.0]
+    pipeline, provider, _ = cached_pipeline(now)
+    provider.expires_at = 130.0
+    inp = request()
+    pipeline.remember_request("k", inp, pipeline.decide(inp))
+    now[0] = 129.0
+    assert pipeline.recall("k", "", lambda decision: None)
+    now[0] = 130.0  # the token's exp: parsed and decided afresh from here on
+    assert not pipeline.recall("k", "", lambda decision: None)
+    assert pipeline._requests == {}
+
+
+def test_denials_and_undeclared_inputs_are_never_remembered() -> None:
+    now = [100.0]
+    pipeline, _, _ = cached_pipeline(now)
+    denied = request(None)
+    pipeline.remember_request("denied", denied, pipeline.decide(denied))
+    undeclared = Pipeline([HeaderProvider()], Policy(), ResponseSettings())  # type: ignore[list-item]
+    undeclared.remember_request("k", INP, undeclared.decide(INP))
+    assert pipeline._requests == {} and undeclared._requests == {}
+
+
+def test_requests_are_not_remembered_when_a_rule_reads_the_request_id() -> None:
+    class ReadsRequestId(Policy):
+        header_names = frozenset({"x-request-id"})
+
+    pipeline = Pipeline([DeclaredProvider()], ReadsRequestId(), ResponseSettings())  # type: ignore[list-item]
+    inp = request(**{"x-request-id": "a"})
+    pipeline.remember_request("k", inp, pipeline.decide(inp))
+    assert not pipeline.recall("k", "b", lambda decision: None)
+
+
+def test_a_failing_observer_does_not_undo_a_recalled_answer(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    pipeline, _, recorder = cached_pipeline(now)
+    inp = request()
+    pipeline.remember_request("k", inp, pipeline.decide(inp))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("audit sink down")
+
+    recorder.record = broken  # type: ignore[method-assign]
+    answers: list[Decision] = []
+    assert pipeline.recall("k", "r", answers.append)
+    assert len(answers) == 1
+    assert "recording a remembered decision failed" in caplog.text
+
+
+def test_remembered_requests_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extauthz.pipeline.REQUEST_CACHE_SIZE", 2)
+    now = [100.0]
+    pipeline, _, _ = cached_pipeline(now)
+    for user in ("a", "b", "c", "d"):
+        inp = request(user)
+        pipeline.remember_request(user, inp, pipeline.decide(inp))
+    assert len(pipeline._requests) <= 2
