@@ -285,7 +285,7 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
 
     redis-py clients: every socket operation is bounded by ``timeout_s``; one immediate retry on a fresh connection
     replaces a pooled connection that died (e.g. Redis restarted) without failing the call. The lean client bounds
-    its connects by ``timeout_s`` and leaves calls to the caller's deadline (``meshgate.resp``).
+    its connects and each call by ``timeout_s`` (``meshgate.resp``).
     """
     checked_timeout(timeout_s)
     parsed = parse_url(url)

@@ -13,17 +13,14 @@ import math
 from collections.abc import Callable
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
-from google.protobuf import duration_pb2
 
 from ratelimit.backends.base import BackendUnavailable
 from ratelimit.model import (
     Code,
     Descriptor,
-    DescriptorStatus,
     Entry,
     Limit,
     RateLimitRequest,
@@ -89,36 +86,49 @@ def to_request(request: rls_pb2.RateLimitRequest) -> RateLimitRequest:
     return RateLimitRequest(request.domain, descriptors, request.hits_addend or 1)
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    seconds = max(0.0, seconds)
-    whole = math.floor(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+LIMIT_PROTO_CACHE_SIZE = 4096
+_limit_protos: dict[int, tuple[Limit, rls_pb2.RateLimitResponse.RateLimit]] = {}
 
 
-def _status(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
-    limit = status.limit
-    if limit is None:
-        return _RESPONSE.DescriptorStatus(code=_CODES[status.code])
-    return _RESPONSE.DescriptorStatus(
-        code=_CODES[status.code],
-        current_limit=_RESPONSE.RateLimit(
-            requests_per_unit=min(limit.requests_per_unit, _UINT32_MAX),
-            unit=_RESPONSE_UNITS[limit.unit],
-            name=limit.name,
-        ),
-        limit_remaining=min(max(0, status.remaining), _UINT32_MAX),
-        duration_until_reset=_duration(status.reset_s),
+def _limit_proto(limit: Limit) -> rls_pb2.RateLimitResponse.RateLimit:
+    """The ``current_limit`` message of ``limit``, built once per limit object (limits live as long as a config)."""
+    cached = _limit_protos.get(id(limit))
+    if cached is not None and cached[0] is limit:
+        return cached[1]
+    proto = _RESPONSE.RateLimit(
+        requests_per_unit=min(limit.requests_per_unit, _UINT32_MAX), unit=_RESPONSE_UNITS[limit.unit], name=limit.name
     )
+    if len(_limit_protos) >= LIMIT_PROTO_CACHE_SIZE:
+        _limit_protos.clear()
+    _limit_protos[id(limit)] = (limit, proto)
+    return proto
 
 
 def to_response(response: RateLimitResponse) -> rls_pb2.RateLimitResponse:
-    """model -> proto: statuses in descriptor order; windows of N units report their unit (Envoy has no N)."""
-    return _RESPONSE(
-        overall_code=_CODES[response.code],
-        statuses=[_status(status) for status in response.statuses],
-        response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in response.response_headers],
-        request_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in response.request_headers],
-    )
+    """model -> proto: statuses in descriptor order; windows of N units report their unit (Envoy has no N).
+
+    Filled in place (``add`` and field assignment): building each nested message from keyword arguments cost
+    more than twice as much (8.7 against 3.4 µs for three statuses).
+    """
+    message = _RESPONSE(overall_code=_CODES[response.code])
+    add_status = message.statuses.add
+    for status in response.statuses:
+        limit = status.limit
+        if limit is None:
+            add_status(code=_CODES[status.code])
+            continue
+        item = add_status(code=_CODES[status.code], limit_remaining=min(max(0, status.remaining), _UINT32_MAX))
+        item.current_limit.CopyFrom(_limit_proto(limit))
+        seconds = max(0.0, status.reset_s)
+        whole = math.floor(seconds)
+        reset = item.duration_until_reset
+        reset.seconds = whole
+        reset.nanos = int((seconds - whole) * 1e9)
+    for key, value in response.response_headers:
+        message.response_headers_to_add.add(key=key, value=value)
+    for key, value in response.request_headers:
+        message.request_headers_to_add.add(key=key, value=value)
+    return message
 
 
 REQUEST_CACHE_SIZE = 4096

@@ -152,13 +152,14 @@ class RedisBackend:
             return []
         now_ms = to_ms(now)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                if self._resp is None:
+            if self._resp is None:
+                async with asyncio.timeout(self.timeout_s):
                     raws = await self._hit_cluster(hits, now_ms)
-                elif self.fast_path and all(_independent_fixed_window(hit) for hit in hits):
-                    raws = await self._hit_fast(self._resp, hits, now_ms)
-                else:
-                    raws = await self._call(_STANDALONE, script_keys(hits, now_ms), script_args(hits, now_ms))
+            # The lean client bounds each call by timeout_s itself, with one timer per connection.
+            elif self.fast_path and all(_independent_fixed_window(hit) for hit in hits):
+                raws = await self._hit_fast(self._resp, hits, now_ms)
+            else:
+                raws = await self._call(_STANDALONE, script_keys(hits, now_ms), script_args(hits, now_ms))
         except _FOREIGN as exc:
             raise BackendUnavailable(f"redis {self.target.kind}: {type(exc).__name__}: {exc}") from exc
         return [to_outcome(raw) for raw in raws]

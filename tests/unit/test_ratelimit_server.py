@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -223,3 +224,53 @@ def test_request_parser_reuses_models_and_never_raises() -> None:
     for user in ("b", "c", "d"):  # bounded
         parse(rls_pb2.RateLimitRequest(domain="shop", descriptors=[descriptor(("user", user))]).SerializeToString())
     assert len(parse._parsed) <= 2
+
+
+def _reference_response(response: RateLimitResponse) -> rls_pb2.RateLimitResponse:
+    """The plain keyword-argument build of the same answer, which to_response must equal byte for byte."""
+    from envoy.config.core.v3 import base_pb2
+    from google.protobuf import duration_pb2
+
+    def status(item: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+        if item.limit is None:
+            return RLS.DescriptorStatus(code=server._CODES[item.code])
+        seconds = max(0.0, item.reset_s)
+        return RLS.DescriptorStatus(
+            code=server._CODES[item.code],
+            current_limit=RLS.RateLimit(
+                requests_per_unit=min(item.limit.requests_per_unit, 2**32 - 1),
+                unit=server._RESPONSE_UNITS[item.limit.unit],
+                name=item.limit.name,
+            ),
+            limit_remaining=min(max(0, item.remaining), 2**32 - 1),
+            duration_until_reset=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds - int(seconds)) * 1e9)),
+        )
+
+    return RLS(
+        overall_code=server._CODES[response.code],
+        statuses=[status(item) for item in response.statuses],
+        response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in response.response_headers],
+        request_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in response.request_headers],
+    )
+
+
+def test_to_response_equals_the_plain_build_for_random_answers() -> None:
+    rng = random.Random(7)
+    limits = [Limit(rng.choice([1, 10, 2**40]), rng.choice(list(Unit)), name=rng.choice(["", "a"])) for _ in range(8)]
+    for _ in range(300):
+        statuses = tuple(
+            DescriptorStatus(Code.OK)
+            if rng.random() < 0.2
+            else DescriptorStatus(
+                rng.choice([Code.OK, Code.OVER_LIMIT]),
+                rng.choice(limits),
+                rng.choice([-3, 0, 1, 99, 2**40]),
+                rng.choice([0.0, -1.0, 0.25, 59.999999, 86_400.5]),
+            )
+            for _ in range(rng.randint(1, 4))
+        )
+        headers = tuple(("x-h", str(n)) for n in range(rng.randint(0, 2)))
+        response = RateLimitResponse(rng.choice([Code.OK, Code.OVER_LIMIT]), statuses, headers, headers[:1])
+        built, reference = server.to_response(response), _reference_response(response)
+        assert built == reference
+        assert built.SerializeToString(deterministic=True) == reference.SerializeToString(deterministic=True)

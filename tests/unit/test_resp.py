@@ -184,22 +184,45 @@ async def test_reconnects_after_a_restart_and_fails_pending_calls(redis_server: 
     assert made.connects == 2
 
 
-async def test_a_hung_server_times_out_then_the_client_recovers(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_a_hung_server_times_out_every_call_then_the_client_recovers(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
     made = _client(redis_server, timeout_s=0.2)
+    loop = asyncio.get_running_loop()
     try:
         assert await made.execute("PING") == b"PONG"
         with redis_server.paused():
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.3):  # callers bound their calls; the connection stays open
-                    await made.execute("PING")
-            # the unanswered call is overdue now: the next call drops the connection and opens another, which
-            # the paused server also leaves unanswered
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.5):
+            async with asyncio.timeout(GUARD_S):  # only a guard: the client's own deadline must answer
+                first_sent = loop.time()
+                first = asyncio.ensure_future(made.execute("PING"))
+                await asyncio.sleep(0.05)
+                second = asyncio.ensure_future(made.execute("PING"))  # stuck behind the first on the connection
+                results = await asyncio.gather(first, second, return_exceptions=True)
+            assert [type(result) for result in results] == [TimeoutError, TimeoutError]
+            assert loop.time() - first_sent >= 0.2  # not before the deadline
+            # The stuck connection was dropped: the next call opens another, which the paused server also
+            # leaves unanswered.
+            async with asyncio.timeout(GUARD_S):
+                with pytest.raises(TimeoutError):
                     await made.execute("PING")
             assert made.connects == 2
         async with asyncio.timeout(GUARD_S):  # resumed: it answers (on that connection, or on a fresh one)
             assert await made.execute("PING") == b"PONG"
+    finally:
+        await made.close()
+
+
+async def test_answered_calls_never_time_out_across_many_deadlines(redis_server: RedisServer) -> None:  # noqa: F811
+    """The one timer re-arms for each new oldest call: a steady trickle over several deadlines all succeeds."""
+    made = _client(redis_server, timeout_s=0.25)
+    loop = asyncio.get_running_loop()
+    try:
+        started, answered = loop.time(), 0
+        while loop.time() - started < 1.2:  # ~5 deadlines, with calls in flight nearly all the time
+            replies = await asyncio.gather(*(made.execute("PING") for _ in range(4)))
+            assert replies == [b"PONG"] * 4
+            answered += 4
+        assert answered > 20 and made.connects == 1
     finally:
         await made.close()
 
