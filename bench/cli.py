@@ -27,6 +27,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-saturation", action="store_true", help="skip the as-fast-as-possible runs")
     p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS_DIR}; --quick: results/tmp)")
     p.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 500 rps: a smoke test (< 60 s)")
+    p.add_argument(
+        "--redis-core",
+        choices=("service", "envoy"),
+        default="service",
+        help="the core redis-server runs on: the services' (default) or Envoy's (Redis on a machine of its own)",
+    )
     args = parser.parse_args(argv)
 
     scenarios = _csv(args.scenarios) if args.scenarios else list(DEFAULT)
@@ -44,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         saturation=not args.no_saturation,
         warmup=0.5 if quick else 1.0,
         out_dir=args.out or (RESULTS_DIR / "tmp" if quick else RESULTS_DIR),
+        redis_core=args.redis_core,
     )
     if opts.rounds < 1 or opts.duration <= 0 or not opts.rates or min(opts.rates) <= 0:
         parser.error("--rounds, --duration and --rates must be positive")

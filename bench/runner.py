@@ -55,6 +55,9 @@ class Options:
     saturation_connections: int = 16
     warmup: float = 1.0
     out_dir: Path = RESULTS_DIR
+    # Where redis-server runs: "service" (with the services; its CPU competes with theirs, the default) or
+    # "envoy" (Envoy's core: closer to production, where Redis has a machine of its own).
+    redis_core: str = "service"
 
 
 @dataclass
@@ -242,7 +245,7 @@ def run(opts: Options) -> dict[str, Any]:
             issuer = resources.enter_context(BenchIssuer())
             ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers())
         if any(SCENARIOS[n].needs_redis for n in names):
-            url, pid = resources.enter_context(_redis_server(svc_cpu))
+            url, pid = resources.enter_context(_redis_server(envoy_cpu if opts.redis_core == "envoy" else svc_cpu))
             ctx = RunContext(ctx.policy, ctx.auth_headers, url, pid)
         stacks = _drive(opts, names, ctx, envoy_cpu, svc_cpu)
         redis_stats = redis_commandstats(ctx.redis_url) if ctx.redis_url else {}
@@ -295,6 +298,15 @@ def _drive(
     return stacks
 
 
+def describe_layout(envoy_cpu: int | None, svc_cpu: int | None, redis_core: str) -> str:
+    """Which process runs on which core, as the report states it."""
+    if envoy_cpu is None:
+        return "unpinned (single core)"
+    if redis_core == "envoy":
+        return f"envoy, redis-server: core {envoy_cpu}; upstream, services, load generator: core {svc_cpu} (taskset)"
+    return f"envoy: core {envoy_cpu}; upstream, services, redis-server, load generator: core {svc_cpu} (taskset)"
+
+
 def _report(
     opts: Options,
     names: Sequence[str],
@@ -314,11 +326,7 @@ def _report(
         }
         for s in stacks
     }
-    layout = (
-        f"envoy: core {envoy_cpu}; upstream, services, redis-server, load generator: core {svc_cpu} (taskset)"
-        if envoy_cpu is not None
-        else "unpinned (single core)"
-    )
+    layout = describe_layout(envoy_cpu, svc_cpu, opts.redis_core)
     report: dict[str, Any] = {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": _machine(),

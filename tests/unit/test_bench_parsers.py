@@ -134,3 +134,9 @@ def test_paired_ratios_are_taken_round_by_round() -> None:
     lines = runner._paired_lines({"paired": rows, "references": references})
     ours = [line for line in lines if line.startswith("extauthz-http vs floor-http: ")]
     assert len(ours) == 1 and "saturation 0.95 [0.90-0.95]" in ours[0]
+
+
+def test_layout_says_where_redis_runs() -> None:
+    assert runner.describe_layout(0, 1, "service").startswith("envoy: core 0; upstream, services, redis-server")
+    assert runner.describe_layout(0, 1, "envoy").startswith("envoy, redis-server: core 0;")
+    assert runner.describe_layout(None, None, "envoy") == "unpinned (single core)"
