@@ -64,6 +64,23 @@ _MULTI = _pack_command(("MULTI",))
 _EXEC = _pack_command(("EXEC",))
 
 
+def pack_head(count: int) -> bytes:
+    """The header of a command of ``count`` arguments. With ``pack_args`` and ``pack_int``, a caller can pack a
+    command once in pieces and change one argument per call (``b"".join`` of the pieces)."""
+    return b"*%d\r\n" % count
+
+
+def pack_args(*args: Arg) -> bytes:
+    """Arguments as RESP bulk strings, without a command header (see ``pack_head``)."""
+    return b"".join([_pack_command((arg,))[4:] for arg in args])  # each minus its own "*1\r\n" header
+
+
+def pack_int(value: int) -> bytes:
+    """``pack_args(value)`` for one integer, without hiredis: it is the piece that changes per call."""
+    digits = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)
+
+
 class _Call:
     """One pending call: ``count`` replies resolve ``future`` with their list."""
 
@@ -199,8 +216,12 @@ class RespClient:
 
     async def transaction(self, commands: Sequence[Command]) -> list[Any]:
         """``commands`` inside MULTI ... EXEC, in one write: EXEC's replies. Any error reply raises."""
+        return await self.transaction_packed(pack(commands), len(commands))
+
+    async def transaction_packed(self, packed: bytes, count: int) -> list[Any]:
+        """``transaction`` of ``count`` commands already packed into ``packed``."""
         proto = self._usable() or await self._reconnect()
-        replies = await proto.send(_MULTI + pack(commands) + _EXEC, len(commands) + 2)
+        replies = await proto.send(_MULTI + packed + _EXEC, count + 2)
         _raise_first_error(proto, replies)  # MULTI's OK, the QUEUED replies
         results: list[Any] = replies[-1]
         _raise_first_error(proto, results)  # the commands' own replies

@@ -100,24 +100,37 @@ async def test_fast_path_and_script_agree_on_random_sequences(redis_standalone: 
     tags = {name: uuid.uuid4().hex for name in backends}
     limits = [Limit(3, Unit.MINUTE), Limit(5, Unit.MINUTE), Limit(4, Unit.HOUR), Limit(2, Unit.MINUTE, 2)]
     rng = random.Random(20261128)
+
+    def random_shape() -> list[tuple[str, Limit, int, bool]]:
+        return [
+            (rng.choice("abc"), rng.choice(limits), rng.choice([0, 1, 1, 2, 4]), rng.random() < 0.2)
+            for _ in range(rng.randint(1, 4))
+        ]
+
+    def make_hits(name: str, shape: list[tuple[str, Limit, int, bool]]) -> list[Hit]:
+        # one key per period, as counter_key makes them (limits of one period may share a key: the first two
+        # do); keys of different periods never do (the memory backend expires by the injected clock)
+        return [
+            Hit(f"eq:{{{tags[name]}}}:{k}{limit.period_s}", limit, cost, shadow=shadow)
+            for k, limit, cost, shadow in shape
+        ]
+
+    # Most requests repeat one of a few shapes as the same tuple, as the service's per-request plans do (the fast
+    # path keeps those packed, and must repack them when a window turns); the others are fresh lists.
+    pool = [random_shape() for _ in range(5)]
+    plans = {name: [tuple(make_hits(name, shape)) for shape in pool] for name in backends}
     ms = 19_676 * 86_400_000  # an aligned day; windows change as the injected clock moves (minutes, not seconds:
     try:  # Redis expires keys by its own clock, and none may expire during the test)
         for _request in range(250):
             ms += rng.choice([0, 0, 1, 250, 9_000, 31_000])
-            shape = [
-                (rng.choice("abc"), rng.choice(limits), rng.choice([0, 1, 1, 2, 4]), rng.random() < 0.2)
-                for _ in range(rng.randint(1, 4))
-            ]
+            planned = rng.randrange(len(pool)) if rng.random() < 0.7 else None
+            shape = pool[planned] if planned is not None else random_shape()
             answers = {}
             for name, backend in backends.items():
-                # one key per period, as counter_key makes them (limits of one period may share a key: the first
-                # two do); keys of different periods never do (the memory backend expires by the injected clock)
-                hits = [
-                    Hit(f"eq:{{{tags[name]}}}:{k}{limit.period_s}", limit, cost, shadow=shadow)
-                    for k, limit, cost, shadow in shape
-                ]
+                hits = plans[name][planned] if planned is not None else make_hits(name, shape)
                 answers[name] = await backend.hit(hits, ms / 1000)
             assert answers["fast"] == answers["script"] == answers["memory"], (shape, ms)
+        assert 0 < len(fast._packs) <= len(pool)  # the planned requests were answered from packed commands
         with redis_standalone.client() as admin:
             stored = {
                 name: {key.decode().split("}")[1]: int(admin.get(key)) for key in admin.keys(f"eq:{{{tags[name]}}}:*")}

@@ -307,3 +307,13 @@ async def test_close_while_connecting_fails_the_waiting_calls() -> None:
                     await waiting
         assert await made.pipeline([]) == []  # nothing to send: no connection needed
         await made.close()
+
+
+@pytest.mark.parametrize("ttl", [0, 7, 1234567890123, -5])
+def test_a_command_packed_in_pieces_is_packed_as_a_whole(ttl: int) -> None:
+    from meshgate.resp import pack, pack_args, pack_head, pack_int
+
+    for key in ("k{tag}:1700000000", "é" * 12, b"raw\r\nbytes"):
+        pieces = pack_head(6) + pack_args("SET", key, 0, "PX") + pack_int(ttl) + pack_args("NX")
+        assert pieces == pack([("SET", key, 0, "PX", ttl, "NX")])
+        assert pack_int(ttl) == pack_args(ttl)
