@@ -1,7 +1,8 @@
 """Do-nothing servers: the cost of each transport alone, the floor our services are compared with.
 
 ``python -m bench.floors grpc --port N``: grpc.aio Authorization server answering OK to every Check.
-``python -m bench.floors http --port N``: raw asyncio protocol + httptools answering 200 to every request.
+``python -m bench.floors http --port N [--answer FILE]``: raw asyncio protocol + httptools answering 200 to every
+request (or with the bytes in FILE: extauthz's own allow answer, to price what Envoy does with it).
 ``python -m bench.floors rls --port N``: grpc.aio RateLimitService answering OK to every ShouldRateLimit.
 All on uvloop, all print ``floor-<kind> listening on HOST:PORT`` once serving.
 """
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -38,9 +40,10 @@ class _NeverLimit(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
 
 
 class _HttpAllow(asyncio.Protocol):
-    __slots__ = ("_parser", "_transport")
+    __slots__ = ("_answer", "_parser", "_transport")
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = _HTTP_OK) -> None:
+        self._answer = answer
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
 
@@ -56,7 +59,7 @@ class _HttpAllow(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._transport is not None:
-            self._transport.write(_HTTP_OK)
+            self._transport.write(self._answer)
 
 
 async def _wait_for_signal() -> None:
@@ -80,8 +83,8 @@ async def serve_grpc(host: str, port: int, kind: str = "grpc") -> None:
     await server.stop(grace=1)
 
 
-async def serve_http(host: str, port: int) -> None:
-    server = await asyncio.get_running_loop().create_server(_HttpAllow, host, port)
+async def serve_http(host: str, port: int, answer: bytes = _HTTP_OK) -> None:
+    server = await asyncio.get_running_loop().create_server(lambda: _HttpAllow(answer), host, port)
     print(f"floor-http listening on {host}:{server.sockets[0].getsockname()[1]}", flush=True)
     await _wait_for_signal()
     server.close()
@@ -92,9 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("kind", choices=("grpc", "http", "rls"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--answer", type=Path, help="http: answer with this file's bytes (a whole HTTP response)")
     args = parser.parse_args(argv)
     if args.kind == "http":
-        uvloop.run(serve_http(args.host, args.port))
+        uvloop.run(serve_http(args.host, args.port, args.answer.read_bytes() if args.answer else _HTTP_OK))
     else:
         uvloop.run(serve_grpc(args.host, args.port, args.kind))
 

@@ -7,13 +7,14 @@ request the service answers from its verified-token cache, which is part of what
 
 from __future__ import annotations
 
+import asyncio
 import re
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
-from bench.scenarios import POLICY, POLICY_ISSUER
+from bench.scenarios import POLICY, POLICY_ISSUER, REQUEST_PATH
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.signing import generate_rsa_key, mint_token
 
@@ -57,6 +58,15 @@ class BenchIssuer:
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"}
 
+    def http_allow_answer(self) -> Path:
+        """A file holding the bytes extauthz's HTTP mode answers the bench request with (its allow: identity
+        headers, headers to remove, metadata headers), decided once by the real pipeline with this token."""
+        assert self._tmp is not None, "inside `with BenchIssuer()` only"
+        path = Path(self._tmp.name) / "http-allow-answer"
+        if not path.exists():
+            path.write_bytes(asyncio.run(_http_allow_answer(self.policy, self.headers())))
+        return path
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -64,6 +74,26 @@ class BenchIssuer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+async def _http_allow_answer(policy: Path, headers: dict[str, str]) -> bytes:
+    from extauthz.app import build_pipeline
+    from extauthz.http_adapter import encode_decision
+    from extauthz.identity.jwks import JwksRegistry
+    from extauthz.model import CheckInput
+    from extauthz.pipeline import NullObserver
+
+    registry = JwksRegistry()
+    pipeline = build_pipeline(policy, registry, observer=NullObserver())
+    await pipeline.start()
+    try:
+        decision = await pipeline.check(CheckInput(method="GET", host="bench", path=REQUEST_PATH, headers=headers))
+    finally:
+        await pipeline.close()
+        await registry.close()
+    if not decision.allowed:
+        raise RuntimeError(f"the bench request is denied: {decision.reason.value} {decision.message}")
+    return encode_decision(decision)
 
 
 def render_policy(text: str, issuer: str) -> str:

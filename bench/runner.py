@@ -243,10 +243,11 @@ def run(opts: Options) -> dict[str, Any]:
         ctx = RunContext()
         if any(SCENARIOS[n].needs_issuer for n in names):
             issuer = resources.enter_context(BenchIssuer())
-            ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers())
+            answer = issuer.http_allow_answer() if "floor-http-answer" in names else None
+            ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers(), http_answer=answer)
         if any(SCENARIOS[n].needs_redis for n in names):
             url, pid = resources.enter_context(_redis_server(envoy_cpu if opts.redis_core == "envoy" else svc_cpu))
-            ctx = RunContext(ctx.policy, ctx.auth_headers, url, pid)
+            ctx = RunContext(ctx.policy, ctx.auth_headers, url, pid, ctx.http_answer)
         stacks = _drive(opts, names, ctx, envoy_cpu, svc_cpu)
         redis_stats = redis_commandstats(ctx.redis_url) if ctx.redis_url else {}
     return _report(opts, names, stacks, tool, envoy_cpu, svc_cpu, redis_stats)

@@ -31,6 +31,7 @@ class RunContext:
     auth_headers: Mapping[str, str] = field(default_factory=dict)  # the token, minted once per run
     redis_url: str = ""  # the bench's redis-server, when a scenario needs one
     redis_pid: int = 0  # its process (its CPU counts for the scenarios that use it)
+    http_answer: Path | None = None  # a file with extauthz's HTTP allow answer to the bench request
 
 
 Command = Callable[[int, RunContext], list[str]]  # (port, context) -> argv
@@ -79,6 +80,13 @@ def _floor(kind: str) -> Command:
     return lambda port, ctx: _py("bench.floors", kind, "--port", str(port))
 
 
+def _floor_http_answer(port: int, ctx: RunContext) -> list[str]:
+    """The HTTP floor answering with extauthz's own allow bytes: what Envoy's handling of that answer costs."""
+    if ctx.http_answer is None:
+        raise RuntimeError("floor-http-answer needs the run's extauthz answer (RunContext.http_answer)")
+    return _py("bench.floors", "http", "--port", str(port), "--answer", str(ctx.http_answer))
+
+
 def _meshgate_extauthz(transport: str) -> Command:
     """``meshgate serve extauthz`` serving the rendered bench policy on ``port`` for one transport."""
 
@@ -125,6 +133,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("passthrough", "passthrough", needs_issuer=False),
         Scenario("floor-grpc", "extauthz-grpc", "floor-grpc", (Service("authz_port", _floor("grpc")),)),
         Scenario("floor-http", "extauthz-http", "floor-http", (Service("authz_port", _floor("http")),)),
+        # A do-nothing server that answers exactly as extauthz does: Envoy then applies the same identity headers
+        # and metadata, so extauthz-http against it is the service's own cost.
+        Scenario("floor-http-answer", "extauthz-http", "floor-http", (Service("authz_port", _floor_http_answer),)),
         Scenario("extauthz-grpc", "extauthz-grpc", "floor-grpc", (Service("authz_port", _meshgate_extauthz("grpc")),)),
         Scenario("extauthz-http", "extauthz-http", "floor-http", (Service("authz_port", _meshgate_extauthz("http")),)),
         _ratelimit("floor-rls", "floor-rls", _floor("rls")),
