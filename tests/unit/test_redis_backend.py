@@ -146,6 +146,14 @@ async def test_fast_path_and_script_agree_on_random_sequences(redis_standalone: 
         await script.close()
 
 
+async def test_packed_requests_are_bounded(standalone: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ratelimit.backends.redis.PACKED_CACHE_SIZE", 2)
+    plans = [(_hit(_key()),) for _ in range(5)]
+    for plan in plans * 2:
+        assert (await standalone.hit(plan, NOW))[0].remaining in (8, 9)
+    assert 0 < len(standalone._packs) <= 2
+
+
 async def test_counts_and_blocks_like_the_contract(standalone: RedisBackend) -> None:
     key = _key()
     outcomes = [(await standalone.hit([_hit(key, 3)], NOW))[0] for _ in range(4)]
