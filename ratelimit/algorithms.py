@@ -141,12 +141,14 @@ def fw_ttl_ms(now_ms: int, period_ms: int) -> int:
     return window_start_ms(now_ms, period_ms) + period_ms + EXPIRY_SLACK_MS - now_ms
 
 
-def fw_raw(count: int, limit: int, period_ms: int, cost: int, now_ms: int) -> Raw:
-    """A fixed-window hit's whole reply from the count before it, when its consumption depends on no other hit
+def fw_outcome(count: int, limit: int, period_ms: int, cost: int, now_ms: int) -> Outcome:
+    """A fixed-window hit's outcome from the count before it, when its consumption depends on no other hit
     (count_blocked, or cost 0): retry_after = reset when over, as nothing frees up before the window ends.
-    For the Redis backend's MULTI fast path (backends/redis.py); the script has no such path, so no Lua twin."""
+    ``to_outcome`` of what the script answers for it. For the Redis backend's MULTI fast path (backends/redis.py);
+    the script has no such path, so no Lua twin."""
     over, remaining, reset = fw_eval(count, limit, period_ms, cost, now_ms)
-    return (int(over), remaining, reset, reset if over else 0)
+    reset_s = reset / 1000
+    return Outcome(over, remaining, reset_s, reset_s if over else 0.0)
 
 
 def sw_eval(prev: int, cur: int, limit: int, period_ms: int, cost: int, now_ms: int) -> tuple[bool, int, int]:

@@ -3,7 +3,7 @@
 - The script: ``algorithms.HITS_LUA`` by EVALSHA, for any mix of algorithms and options.
 - The fast path: when every hit is a fixed window whose consumption does not depend on the others (count_blocked,
   envoyproxy's default, or cost 0), one MULTI/EXEC of plain commands, with the answers computed here by the same
-  functions (``algorithms.fw_raw``, ``fw_ttl_ms``). It saves Lua's per-call cost in Redis: ~17 us of
+  functions (``algorithms.fw_outcome``, ``fw_ttl_ms``). It saves Lua's per-call cost in Redis: ~17 us of
   redis-server CPU per 3-hit request against ~33-40 us for the script (one core, measured on this VM). A request
   plan's commands are packed once per window; each call only fills in the SETs' PX values.
 
@@ -41,8 +41,7 @@ from ratelimit.algorithms import (
     MODE_BLOCKED,
     MODE_DECIDE,
     MODE_DRY_RUN,
-    Raw,
-    fw_raw,
+    fw_outcome,
     fw_ttl_ms,
     script_args,
     script_keys,
@@ -161,14 +160,14 @@ class RedisBackend:
                     raws = await self._hit_cluster(hits, now_ms)
             # The lean client bounds each call by timeout_s itself, with one timer per connection.
             elif self.fast_path and all(_independent_fixed_window(hit) for hit in hits):
-                raws = await self._hit_fast(self._resp, hits, now_ms)
+                return await self._hit_fast(self._resp, hits, now_ms)
             else:
                 raws = await self._call(_STANDALONE, script_keys(hits, now_ms), script_args(hits, now_ms))
         except _FOREIGN as exc:
             raise BackendUnavailable(f"redis {self.target.kind}: {type(exc).__name__}: {exc}") from exc
         return [to_outcome(raw) for raw in raws]
 
-    async def _hit_fast(self, client: resp.RespClient, hits: Sequence[Hit], now_ms: int) -> list[Raw]:
+    async def _hit_fast(self, client: resp.RespClient, hits: Sequence[Hit], now_ms: int) -> list[Outcome]:
         """The script's answers without the script: one MULTI/EXEC (still one write, one round trip, atomic).
 
         Per consuming hit ``SET key 0 PX ttl NX`` (creates the key with the script's expiry, else does nothing) and
@@ -180,7 +179,7 @@ class RedisBackend:
         for period_ms, piece in zip(packed.ttl_periods, packed.pieces[1:], strict=True):
             data += (resp.pack_int(fw_ttl_ms(now_ms, period_ms)), piece)
         replies = await client.transaction_packed(b"".join(data), packed.count)
-        raws: list[Raw] = []
+        outcomes: list[Outcome] = []
         added: dict[str, int] = {}
         index = 0
         for hit, key, period_ms in zip(hits, packed.keys, packed.periods, strict=True):
@@ -192,8 +191,8 @@ class RedisBackend:
             else:
                 count = int(replies[index] or 0) - before
                 index += 1
-            raws.append(fw_raw(count, hit.limit.requests_per_unit, period_ms, hit.cost, now_ms))
-        return raws
+            outcomes.append(fw_outcome(count, hit.limit.requests_per_unit, period_ms, hit.cost, now_ms))
+        return outcomes
 
     def _packed_for(self, hits: Sequence[Hit], now_ms: int) -> _PackedHits:
         """The request's commands, packed once per request plan and repacked when a window turns."""
