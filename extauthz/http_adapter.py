@@ -36,6 +36,9 @@ HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 ALLOW_CACHE_SIZE = 4096
+# Requests remembered by their bytes are at most this long (Envoy's checks with a JWT are 1-2 KiB): the memory held
+# stays bounded by the pipeline's REQUEST_CACHE_SIZE times this, whatever bodies or headers clients send.
+REMEMBER_MAX_BYTES = 8 * 1024
 LINGER_S = 2.0  # after answering and half-closing, how long to wait for the peer to close
 
 _ALLOW_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
@@ -270,6 +273,8 @@ class _Connection(asyncio.Protocol):
         key, answered = self._read_key, self._answered
         self._read_key = self._answered = None
         if key is None or answered is None or self._messages_in_read != 1 or self._in_message:
+            return
+        if len(key[0]) > REMEMBER_MAX_BYTES:
             return
         pipeline, inp, decision = answered
         if inp.request_id == key[1]:  # else the id was spelt otherwise or repeated: the key still holds it

@@ -487,6 +487,8 @@ async def test_only_one_whole_kept_alive_allowed_request_per_read_is_remembered(
     await writer.drain()
     await asyncio.sleep(0.05)
     assert (await ask(reader, writer, tail)).status == 200  # one request over two reads
+    big = envoy_request("r-7", path="/big", extra=f"x-pad: {'p' * 9000}\r\n")  # over REMEMBER_MAX_BYTES
+    assert (await ask(reader, writer, big)).status == 200
     writer.close()
     reader, writer = await remembering.connect()
     answer = await ask(reader, writer, envoy_request("r-6", path="/w", extra="connection: close\r\n"))
