@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 ALLOW_MEMO_SIZE = 4096
 DECISION_CACHE_SIZE = 10_000
 REQUEST_CACHE_SIZE = 4096  # whole requests (about 1 KiB each with a JWT) remembered by a transport
+# An allow whose key (the request attributes it was decided on) is longer than this is not cached: memory stays
+# bounded by DECISION_CACHE_SIZE times this, whatever header values an authenticated client sends.
+DECISION_KEY_MAX_CHARS = 8 * 1024
 REQUEST_ID_HEADER = "x-request-id"
 DECISION_TTL_S = 60.0  # an allow is re-derived at least this often, even for identities that never expire
 
@@ -171,6 +174,8 @@ class Pipeline:
         return until
 
     def _remember(self, key: tuple[str | None, ...], decision: Decision) -> None:
+        if sum(len(part) for part in key if part) > DECISION_KEY_MAX_CHARS:
+            return
         if len(self._decisions) >= DECISION_CACHE_SIZE:
             self._decisions.clear()  # cheaper than LRU bookkeeping per call; hot requests come back at once
         self._decisions[key] = (decision, self._valid_until(decision))

@@ -404,3 +404,14 @@ def test_remembered_requests_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
         inp = request(user)
         pipeline.remember_request(user, inp, pipeline.decide(inp))
     assert len(pipeline._requests) <= 2
+
+
+def test_allows_decided_on_oversized_attributes_are_not_cached() -> None:
+    now = [100.0]
+    pipeline, provider, _ = cached_pipeline(now)
+    huge = request(**{"x-tenant": "t" * 9000})  # a header the policy reads, far longer than any real one
+    assert pipeline.decide(huge).allowed and pipeline.decide(huge).allowed
+    assert provider.calls == 2 and pipeline._decisions == {}
+    pipeline.decide(request())
+    pipeline.decide(request())
+    assert provider.calls == 3  # normal requests are still cached
