@@ -246,12 +246,17 @@ async def test_hung_redis_is_backend_unavailable_within_the_deadline_then_recove
                         *(backend.hit([fast] if i % 2 else [script], NOW) for i in range(6)), return_exceptions=True
                     )
                     assert all(isinstance(result, BackendUnavailable) for result in results), results
-                    # a caller's own cancellation stays a cancellation (not a backend failure)
-                    call = asyncio.ensure_future(backend.hit([fast], NOW))
-                    await asyncio.sleep(0.05)
-                    call.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await call
+                    # a caller's own cancellation stays a cancellation (not a backend failure); a backend with a
+                    # long deadline, so that a stall of the test machine cannot let the deadline come first
+                    patient = RedisBackend.from_url(server.url, timeout_s=3.0)
+                    try:
+                        call = asyncio.ensure_future(patient.hit([fast], NOW))
+                        await asyncio.sleep(0.05)
+                        call.cancel()
+                        with pytest.raises(asyncio.CancelledError):
+                            await call
+                    finally:
+                        await patient.close()
                     assert not await backend.ping()
             async with asyncio.timeout(5.0):
                 for _attempt in range(50):
