@@ -172,25 +172,18 @@ class RedisBackend:
 
         Per consuming hit ``SET key 0 PX ttl NX`` (creates the key with the script's expiry, else does nothing) and
         ``INCRBY key cost``; per look (cost 0) ``GET key``, which never creates a key. The count before the request
-        is what INCRBY returns minus what this request added to that key so far (two hits on one key both see the
-        state before the request, as in the script)."""
+        is what INCRBY (or GET) returns minus what this request added to that key (two hits on one key both see the
+        state before the request, as in the script): ``_PackedHits.reads``."""
         packed = self._packed_for(hits, now_ms)
         data = [packed.pieces[0]]
         for period_ms, piece in zip(packed.ttl_periods, packed.pieces[1:], strict=True):
             data += (resp.pack_int(fw_ttl_ms(now_ms, period_ms)), piece)
         replies = await client.transaction_packed(b"".join(data), packed.count)
         outcomes: list[Outcome] = []
-        added: dict[str, int] = {}
-        index = 0
-        for hit, key, period_ms in zip(hits, packed.keys, packed.periods, strict=True):
-            before = added.get(key, 0)
-            if hit.cost > 0:
-                count = int(replies[index + 1]) - hit.cost - before
-                added[key] = before + hit.cost
-                index += 2
-            else:
-                count = int(replies[index] or 0) - before
-                index += 1
+        for hit, period_ms, (at, earlier) in zip(hits, packed.periods, packed.reads, strict=True):
+            # INCRBY answers the count after this hit, GET (a look) the count as it is
+            after = int(replies[at] or 0)
+            count = after - hit.cost - earlier
             outcomes.append(fw_outcome(count, hit.limit.requests_per_unit, period_ms, hit.cost, now_ms))
         return outcomes
 
@@ -314,30 +307,36 @@ class _PackedHits:
     """A request's fast-path commands in one set of windows, packed in pieces. Between two pieces goes one SET's
     PX value (the time left in its window, plus the slack), the only part that changes from one call to the next."""
 
-    __slots__ = ("count", "hits", "keys", "periods", "pieces", "ttl_periods", "windows")
+    __slots__ = ("count", "hits", "periods", "pieces", "reads", "ttl_periods", "windows")
 
     def __init__(self, hits: Sequence[Hit], now_ms: int) -> None:
         self.hits = hits
-        self.keys: list[str] = []
         self.periods: list[int] = []
         self.windows: list[int] = []  # each hit's window start: the keys name it
+        # Per hit: which EXEC reply holds its key's count (its INCRBY's or GET's), and what the request's earlier
+        # hits added to that key (subtracted to get the count before the request).
+        self.reads: list[tuple[int, int]] = []
         self.ttl_periods: list[int] = []  # the period of each SET, in order
         self.pieces: list[bytes] = []
         self.count = 0  # commands
+        added: dict[str, int] = {}
         tail = b""
         for hit in hits:
             period_ms = hit.limit.period_s * 1000
             (key,) = storage_keys(hit, now_ms)
-            self.keys.append(key)
             self.periods.append(period_ms)
             self.windows.append(window_start_ms(now_ms, period_ms))
+            earlier = added.get(key, 0)
             if hit.cost > 0:
                 self.pieces.append(tail + resp.pack_head(6) + resp.pack_args("SET", key, 0, "PX"))
                 self.ttl_periods.append(period_ms)
                 tail = resp.pack_args("NX") + resp.pack_head(3) + resp.pack_args("INCRBY", key, hit.cost)
+                self.reads.append((self.count + 1, earlier))
+                added[key] = earlier + hit.cost
                 self.count += 2
             else:
                 tail += resp.pack_head(2) + resp.pack_args("GET", key)
+                self.reads.append((self.count, earlier))
                 self.count += 1
         self.pieces.append(tail)
 
