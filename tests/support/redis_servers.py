@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+from tests.support.pki import TestCA
 from tests.support.ports import free_port
 from tests.support.procs import Proc, ProcessError
 
@@ -176,6 +177,21 @@ def command_calls(client: redis.Redis, command: str) -> int:
     stats = client.info("commandstats")
     entry = stats.get(f"cmdstat_{command.lower()}")
     return int(entry["calls"]) if entry else 0
+
+
+def commands_run(client: redis.Redis) -> set[str]:
+    """The commands that ran since the last CONFIG RESETSTAT (``config`` and ``info`` among them: the reset and
+    this very query)."""
+    return {name.removeprefix("cmdstat_").split("|")[0] for name in client.info("commandstats")}
+
+
+@pytest.fixture
+def redis_tls(tmp_path: Path) -> Iterator[tuple[RedisServer, TestCA]]:
+    """A throw-away redis-server on TLS with password ``pw``, and the test CA whose server certificate it uses."""
+    ca = TestCA(tmp_path)
+    files = ca.server()
+    with RedisServer(tls=TlsFiles(files.cert, files.key, ca.ca_file), password="pw") as server:
+        yield server, ca
 
 
 class RedisCluster:

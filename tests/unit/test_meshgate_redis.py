@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from tests.support.redis_servers import (  # noqa: F401  (pytest fixtures)
     redis_cluster_url,
     redis_sentinel,
     redis_sentinel_url,
+    redis_tls,
 )
 
 
@@ -160,16 +160,8 @@ def test_tls_files_are_read_at_start_up(tmp_path: Path) -> None:
     assert ssl_context(parse_url("redis://h")) is None
 
 
-@pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, TestCA]]:
-    ca = TestCA(tmp_path)
-    server_files = ca.server()
-    with RedisServer(tls=TlsFiles(server_files.cert, server_files.key, ca.ca_file), password="pw") as server:
-        yield server, ca
-
-
-async def test_tls_with_password_and_client_cert(tls_redis: tuple[RedisServer, TestCA]) -> None:
-    server, ca = tls_redis
+async def test_tls_with_password_and_client_cert(redis_tls: tuple[RedisServer, TestCA]) -> None:  # noqa: F811
+    server, ca = redis_tls
     client_files = ca.spiffe_client("spiffe://test/ns/default/sa/ratelimit")
     url = f"rediss://:pw@127.0.0.1:{server.port}?ca_cert={ca.ca_file}&cert={client_files.cert}&key={client_files.key}"
     target = connect(url, timeout_s=2.0)
@@ -180,9 +172,10 @@ async def test_tls_with_password_and_client_cert(tls_redis: tuple[RedisServer, T
 
 
 async def test_tls_rejects_an_unknown_ca_and_a_wrong_password(
-    tls_redis: tuple[RedisServer, TestCA], tmp_path: Path
+    redis_tls: tuple[RedisServer, TestCA],  # noqa: F811
+    tmp_path: Path,
 ) -> None:
-    server, _ca = tls_redis
+    server, _ca = redis_tls
     (tmp_path / "other").mkdir()
     other = TestCA(tmp_path / "other")
     assert server.tls is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tests.support.redis_servers import (  # noqa: F401  (pytest fixtures)
     redis_sentinel,
     redis_server,
     redis_standalone,
+    redis_tls,
 )
 
 TIMEOUT_S = 2.0  # the client's own bound (connect, overdue replies); generous for a loaded machine
@@ -135,16 +136,8 @@ async def test_password_username_and_db_on_connect() -> None:
         assert admin.get("k") is None
 
 
-@pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[tuple[RedisServer, TestCA]]:
-    ca = TestCA(tmp_path)
-    files = ca.server()
-    with RedisServer(tls=TlsFiles(files.cert, files.key, ca.ca_file), password="pw") as server:
-        yield server, ca
-
-
-async def test_tls_with_a_client_certificate(tls_server: tuple[RedisServer, TestCA], tmp_path: Path) -> None:
-    server, ca = tls_server
+async def test_tls_with_a_client_certificate(redis_tls: tuple[RedisServer, TestCA], tmp_path: Path) -> None:  # noqa: F811
+    server, ca = redis_tls
     client_files = ca.spiffe_client("spiffe://test/ns/default/sa/ratelimit")
     base = f"rediss://:pw@127.0.0.1:{server.port}"
     trusted = ssl_context(parse_url(f"{base}?ca_cert={ca.ca_file}&cert={client_files.cert}&key={client_files.key}"))
