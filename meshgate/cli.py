@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         "backend_timeout_s": args.backend_timeout_seconds,
         "shadow_mode": True if args.shadow_mode else None,
         "ratelimit_headers": args.ratelimit_headers,
+        "batch_helper_threads": args.batch_helper_threads,
     }
     try:
         settings = load_settings(flags)
@@ -116,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--ratelimit-headers", choices=RATELIMIT_HEADER_MODES, help="ratelimit: response headers (default off)"
+    )
+    serve.add_argument(
+        "--batch-helper-threads",
+        action=argparse.BooleanOptionalAction,
+        help="run grpc's helper threads as SCHED_BATCH so they do not preempt the event loop (default on)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meshgate.admin import AdminServer, build_admin_app, serve_admin
 from meshgate.settings import ServeSettings
+from meshgate.threads import batch_helper_threads
 
 log = logging.getLogger(__name__)
 
@@ -301,11 +303,15 @@ def run_forever(
     async def main() -> None:
         runtime = ServiceRuntime(settings, info=info)
         await build(runtime)
-        freeze = asyncio.get_running_loop().create_task(freeze_heap_when_started(runtime))
+        loop = asyncio.get_running_loop()
+        tuning = [loop.create_task(freeze_heap_when_started(runtime))]
+        if settings.batch_helper_threads:
+            tuning.append(loop.create_task(batch_helper_threads_while_serving(runtime)))
         try:
             await runtime.run()
         finally:
-            freeze.cancel()
+            for task in tuning:
+                task.cancel()
 
     asyncio.run(main())
 
@@ -320,3 +326,18 @@ async def freeze_heap_when_started(runtime: ServiceRuntime) -> None:
     await runtime.started.wait()
     gc.collect()
     gc.freeze()
+
+
+HELPER_THREADS_RESCAN_S = 30.0
+
+
+async def batch_helper_threads_while_serving(
+    runtime: ServiceRuntime, rescan_s: float = HELPER_THREADS_RESCAN_S
+) -> None:
+    """Once serving (grpc's threads exist by then), make this process's helper threads SCHED_BATCH
+    (``meshgate.threads``), and again every ``rescan_s`` for threads started since."""
+    await runtime.started.wait()
+    loop_thread = threading.get_native_id()
+    while True:
+        batch_helper_threads(loop_thread)
+        await asyncio.sleep(rescan_s)

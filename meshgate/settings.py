@@ -39,6 +39,7 @@ class ServeSettings:
     shadow_mode: bool = False  # ratelimit: never refuse, only count and log what would have been refused
     ratelimit_headers: str = "off"  # ratelimit: off | draft (IETF RateLimit) | classic (X-RateLimit-*) | both
     near_limit_ratio: float = 0.8  # ratelimit: share of a limit from which hits count as near_limit
+    batch_helper_threads: bool = True  # grpc's helper threads as SCHED_BATCH: fewer preemptions (meshgate.threads)
 
     @property
     def env_names(self) -> dict[str, str]:
@@ -87,6 +88,7 @@ _KINDS: dict[str, type] = {
     "shadow_mode": bool,
     "ratelimit_headers": str,
     "near_limit_ratio": float,
+    "batch_helper_threads": bool,
 }
 
 
