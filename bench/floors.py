@@ -4,6 +4,7 @@
 ``python -m bench.floors http --port N [--answer FILE]``: raw asyncio protocol + httptools answering 200 to every
 request (or with the bytes in FILE: extauthz's own allow answer, to price what Envoy does with it).
 ``python -m bench.floors rls --port N``: grpc.aio RateLimitService answering OK to every ShouldRateLimit.
+``--batch-helper-threads`` (grpc, rls): with the scheduling tuning meshgate's runtime applies (``meshgate.threads``).
 All on uvloop, all print ``floor-<kind> listening on HOST:PORT`` once serving.
 """
 
@@ -22,6 +23,8 @@ import uvloop
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import status_pb2
+
+from meshgate.runtime import batch_helper_threads_while_serving
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
 # No statuses: a do-nothing RLS (Envoy then adds no X-RateLimit headers); the cost measured is the call alone.
@@ -70,7 +73,7 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve_grpc(host: str, port: int, kind: str = "grpc") -> None:
+async def serve_grpc(host: str, port: int, kind: str = "grpc", batch_helper_threads: bool = False) -> None:
     server = grpc.aio.server()
     if kind == "rls":
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(_NeverLimit(), server)
@@ -78,8 +81,15 @@ async def serve_grpc(host: str, port: int, kind: str = "grpc") -> None:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_AllowAll(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    tuning: asyncio.Task[None] | None = None
+    if batch_helper_threads:  # the tuning meshgate's runtime applies, to price it apart from the services
+        serving = asyncio.Event()
+        serving.set()
+        tuning = asyncio.get_running_loop().create_task(batch_helper_threads_while_serving(serving))
     print(f"floor-{kind} listening on {host}:{bound}", flush=True)
     await _wait_for_signal()
+    if tuning is not None:
+        tuning.cancel()
     await server.stop(grace=1)
 
 
@@ -96,11 +106,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--answer", type=Path, help="http: answer with this file's bytes (a whole HTTP response)")
+    parser.add_argument(
+        "--batch-helper-threads", action="store_true", help="grpc, rls: grpc's helper threads as SCHED_BATCH"
+    )
     args = parser.parse_args(argv)
     if args.kind == "http":
         uvloop.run(serve_http(args.host, args.port, args.answer.read_bytes() if args.answer else _HTTP_OK))
     else:
-        uvloop.run(serve_grpc(args.host, args.port, args.kind))
+        uvloop.run(serve_grpc(args.host, args.port, args.kind, args.batch_helper_threads))
 
 
 if __name__ == "__main__":

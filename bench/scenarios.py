@@ -76,8 +76,8 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def _floor(kind: str) -> Command:
-    return lambda port, ctx: _py("bench.floors", kind, "--port", str(port))
+def _floor(kind: str, *options: str) -> Command:
+    return lambda port, ctx: _py("bench.floors", kind, "--port", str(port), *options)
 
 
 def _floor_http_answer(port: int, ctx: RunContext) -> list[str]:
@@ -132,6 +132,13 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("passthrough", "passthrough", needs_issuer=False),
         Scenario("floor-grpc", "extauthz-grpc", "floor-grpc", (Service("authz_port", _floor("grpc")),)),
+        # The gRPC floor with meshgate's runtime tuning (helper threads as SCHED_BATCH): what that tuning alone gives.
+        Scenario(
+            "floor-grpc-batch",
+            "extauthz-grpc",
+            "floor-grpc",
+            (Service("authz_port", _floor("grpc", "--batch-helper-threads")),),
+        ),
         Scenario("floor-http", "extauthz-http", "floor-http", (Service("authz_port", _floor("http")),)),
         # A do-nothing server that answers exactly as extauthz does: Envoy then applies the same identity headers
         # and metadata, so extauthz-http against it is the service's own cost.

@@ -306,7 +306,7 @@ def run_forever(
         loop = asyncio.get_running_loop()
         tuning = [loop.create_task(freeze_heap_when_started(runtime))]
         if settings.batch_helper_threads:
-            tuning.append(loop.create_task(batch_helper_threads_while_serving(runtime)))
+            tuning.append(loop.create_task(batch_helper_threads_while_serving(runtime.started)))
         try:
             await runtime.run()
         finally:
@@ -331,12 +331,10 @@ async def freeze_heap_when_started(runtime: ServiceRuntime) -> None:
 HELPER_THREADS_RESCAN_S = 30.0
 
 
-async def batch_helper_threads_while_serving(
-    runtime: ServiceRuntime, rescan_s: float = HELPER_THREADS_RESCAN_S
-) -> None:
-    """Once serving (grpc's threads exist by then), make this process's helper threads SCHED_BATCH
-    (``meshgate.threads``), and again every ``rescan_s`` for threads started since."""
-    await runtime.started.wait()
+async def batch_helper_threads_while_serving(serving: asyncio.Event, rescan_s: float = HELPER_THREADS_RESCAN_S) -> None:
+    """Once ``serving`` is set (grpc's threads exist by then), make this process's helper threads SCHED_BATCH
+    (``meshgate.threads``), and again every ``rescan_s`` for threads started since. Run it on the loop's thread."""
+    await serving.wait()
     loop_thread = threading.get_native_id()
     while True:
         batch_helper_threads(loop_thread)

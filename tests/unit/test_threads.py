@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -96,12 +95,12 @@ def test_threads_it_cannot_read_or_set_are_left_alone(
 
 
 async def test_it_waits_until_serving_then_rescans(restore_policies: None, helper: int) -> None:
-    fake = SimpleNamespace(started=asyncio.Event())
-    task = asyncio.get_running_loop().create_task(batch_helper_threads_while_serving(fake, rescan_s=0.01))  # type: ignore[arg-type]
+    serving = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(batch_helper_threads_while_serving(serving, rescan_s=0.01))
     try:
         await asyncio.sleep(0.05)
         assert _policy(helper) == os.SCHED_OTHER  # not serving yet
-        fake.started.set()
+        serving.set()
         for _ in range(200):
             await asyncio.sleep(0.01)
             if _policy(helper) == os.SCHED_BATCH:
@@ -135,13 +134,32 @@ def _policies_once_settled(pid: int, want_batch: bool) -> dict[int, int]:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("flag", ["--batch-helper-threads", "--no-batch-helper-threads"])
-def test_a_served_process_runs_its_helpers_as_batch_unless_told_not_to(tmp_path: Path, flag: str) -> None:
+SERVE = [sys.executable, "-m", "meshgate", "serve", "ratelimit", "--grpc-port", "0", "--admin-port", "-1"]
+FLOOR = [sys.executable, "-m", "bench.floors", "grpc", "--port", "0"]
+
+
+@pytest.mark.parametrize(
+    ("command", "batch"),
+    [
+        (SERVE, True),
+        ([*SERVE, "--batch-helper-threads"], True),
+        ([*SERVE, "--no-batch-helper-threads"], False),
+        ([*FLOOR, "--batch-helper-threads"], True),  # the bench's floor with the same tuning
+        (FLOOR, False),
+    ],
+    ids=["serve-default", "serve-on", "serve-off", "floor-on", "floor-off"],
+)
+def test_served_processes_run_their_helpers_as_batch_unless_told_not_to(
+    tmp_path: Path, command: list[str], batch: bool
+) -> None:
     (tmp_path / "shop.yaml").write_text("domain: shop\n")
-    command = [sys.executable, "-m", "meshgate", "serve", "ratelimit", "--config", str(tmp_path)]
-    command += ["--grpc-port", "0", "--admin-port", "-1", flag]
-    with start(command, ready_line='"listening"', timeout=30, cwd=REPO_ROOT, name="ratelimit") as proc:
-        batch = flag == "--batch-helper-threads"
+    with start(
+        [*command, "--config", str(tmp_path)] if command[2] == "meshgate" else command,
+        ready_line="listening",
+        timeout=30,
+        cwd=REPO_ROOT,
+        name="served",
+    ) as proc:
         policies = _policies_once_settled(proc.pid, batch)
         assert len(policies) > 3  # grpc's poller and event-engine threads exist
         assert policies[proc.pid] == os.SCHED_OTHER  # the event loop's thread is the main one
