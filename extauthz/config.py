@@ -79,6 +79,12 @@ class IdentitySettings:
     spiffe: SpiffeSettings = field(default_factory=SpiffeSettings)
 
 
+# Identity fields Envoy can get as dynamic metadata (strings), and those sent unless the policy lists others: what
+# rate limits key on. Each one costs Envoy work per request, most in HTTP mode (one header -> metadata each).
+METADATA_KEYS = ("sub", "client", "tier", "roles", "kind", "issuer", "principal")
+DEFAULT_METADATA_KEYS = ("sub", "client", "tier", "roles")
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseSettings:
     subject_header: str = "x-auth-subject"
@@ -90,6 +96,7 @@ class ResponseSettings:
     reason_header: str = "x-meshgate-reason"
     strip_credentials: bool = True
     realm: str = "meshgate"
+    metadata_keys: tuple[str, ...] = DEFAULT_METADATA_KEYS
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ from typing import Any
 
 from extauthz.config import (
     DEFAULT_TOKEN_SOURCES,
+    METADATA_KEYS,
     ApiKeySettings,
     AuditSettings,
     ClaimMapping,
@@ -391,10 +392,19 @@ def _response(r: Reader) -> ResponseSettings:
         for key in ("subject", "kind", "client", "roles", "tier", "issuer", "reason"):
             names[f"{key}_header"] = _header_option(headers, key, getattr(defaults, f"{key}_header"))
         headers.done()
+    metadata_keys = defaults.metadata_keys
+    if r.has("metadata"):
+        listed = _items(r, "metadata")
+        _unique(r, "metadata", listed)
+        for value, line in listed:
+            if value not in METADATA_KEYS:
+                raise ConfigError(r.source, line, f"metadata: unknown key {value!r}; expected some of {METADATA_KEYS}")
+        metadata_keys = tuple(value for value, _ in listed)
     settings = ResponseSettings(
         **names,
         strip_credentials=r.get("strip_credentials", bool, defaults.strip_credentials),
         realm=r.get("realm", str, defaults.realm),
+        metadata_keys=metadata_keys,
     )
     r.done()
     return settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from extauthz.config import ResponseSettings
+from extauthz.config import METADATA_KEYS, ResponseSettings
 from extauthz.model import CheckInput, Decision, Identity, Reason
 
 JSON_CONTENT_TYPE = ("content-type", "application/json")
@@ -21,8 +21,9 @@ def identity_header_names(settings: ResponseSettings) -> tuple[str, ...]:
     )
 
 
-def identity_metadata(identity: Identity) -> dict[str, str]:
-    """String-valued metadata for Envoy's rate-limit ``metadata`` actions (only strings match there)."""
+def identity_metadata(identity: Identity, keys: tuple[str, ...] = METADATA_KEYS) -> dict[str, str]:
+    """String-valued metadata for Envoy's rate-limit ``metadata`` actions (only strings match there): the
+    non-empty ones of ``keys`` (the policy's ``response.metadata``), in that order."""
     values = {
         "kind": identity.kind.value,
         "sub": identity.subject,
@@ -32,7 +33,7 @@ def identity_metadata(identity: Identity) -> dict[str, str]:
         "tier": identity.tier,
         "roles": ",".join(sorted(identity.roles)),
     }
-    return {key: value for key, value in values.items() if value}
+    return {key: values[key] for key in keys if values[key]}
 
 
 def allow(identity: Identity | None, rule: str, reason: Reason, settings: ResponseSettings) -> Decision:
@@ -68,7 +69,7 @@ def allow(identity: Identity | None, rule: str, reason: Reason, settings: Respon
         rule=rule,
         headers_to_set=tuple(to_set),
         headers_to_remove=tuple(to_remove),
-        metadata=identity_metadata(identity) if identity is not None else {},
+        metadata=identity_metadata(identity, settings.metadata_keys) if identity is not None else {},
     )
 
 

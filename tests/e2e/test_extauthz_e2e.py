@@ -59,6 +59,8 @@ identity:
     keys_file: keys.yaml
   spiffe:
     trust_domains: [cluster.local]
+response:
+  metadata: [sub, tier, roles, kind]   # kind is not sent by default
 rules:
   - name: health
     public: true
@@ -408,6 +410,8 @@ def test_identity_reaches_envoy_dynamic_metadata(stack: Stack) -> None:
             assert status == 200, body
             seen = json.loads(body["headers"]["x-seen-metadata"])
             assert {key: seen.get(key) for key in expected} == expected, (mode, seen)
+            # only what the policy lists: the issuer is known but not sent
+            assert not any(key.endswith("issuer") for key in seen), (mode, seen)
 
 
 def _wait_for_log(service: ServiceProcess, *words: str, timeout: float = 10.0) -> None:

@@ -152,6 +152,7 @@ identity:
 response:
   headers: {subject: X-User, reason: X-Why}
   strip_credentials: false
+  metadata: [tier, sub, principal]
 rules:
   - name: " a "
     match:
@@ -176,8 +177,12 @@ rules:
     assert config.identity.jwt.leeway_s == 5.0 and config.identity.jwt.cache_size == 0
     assert config.response.subject_header == "x-user" and config.response.reason_header == "x-why"
     assert config.response.kind_header == "x-auth-kind" and not config.response.strip_credentials
+    assert config.response.metadata_keys == ("tier", "sub", "principal")
+    assert parse_config("response: {metadata: []}\n").response.metadata_keys == ()
+    assert parse_config("response: {metadata: kind}\n").response.metadata_keys == ("kind",)
+    assert parse_config("response: {realm: r}\n").response.metadata_keys == ("sub", "client", "tier", "roles")
     rule = config.rules[0]
-    assert rule.name == "a" and rule.source == "p.yaml:11"
+    assert rule.name == "a" and rule.source == "p.yaml:12"
     assert rule.match.hosts == ("api.example.com", "*.example.org", "*")
     assert rule.match.methods == ("GET", "POST")
     assert rule.match.headers == (HeaderMatch(name="x-env", exact="prod"), HeaderMatch(name="x-tag", prefix="v1"))

@@ -28,13 +28,27 @@ def test_allow_overwrites_identity_headers_and_strips_the_credential() -> None:
     }
     # Empty values are removed rather than left to a client's forged header; the token never goes upstream.
     assert decision.headers_to_remove == ("x-auth-client", "authorization")
-    assert decision.metadata == {
-        "kind": "jwt",
-        "sub": "alice",
-        "issuer": "https://issuer",
-        "tier": "gold",
-        "roles": "reader,writer",
-    }
+    # By default, what rate limits key on; the empty client is left out
+    assert decision.metadata == {"sub": "alice", "tier": "gold", "roles": "reader,writer"}
+
+
+def test_metadata_carries_the_listed_keys_only_in_their_order() -> None:
+    identity = Identity(
+        kind=IdentityKind.SPIFFE,
+        subject="spiffe://td/ns/a/sa/b",
+        principal="spiffe://td/ns/a/sa/b",
+        issuer="",
+        roles=frozenset({"x"}),
+    )
+    every = ResponseSettings(metadata_keys=("principal", "kind", "issuer", "sub", "client", "tier", "roles"))
+    decision = response.allow(identity, "r", Reason.ALLOWED, every)
+    assert list(decision.metadata.items()) == [
+        ("principal", "spiffe://td/ns/a/sa/b"),
+        ("kind", "spiffe"),
+        ("sub", "spiffe://td/ns/a/sa/b"),
+        ("roles", "x"),
+    ]  # issuer, client and tier are empty: never sent as empty strings
+    assert response.allow(identity, "r", Reason.ALLOWED, ResponseSettings(metadata_keys=())).metadata == {}
 
 
 def test_anonymous_allow_removes_every_identity_header() -> None:
