@@ -24,7 +24,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.rpc import status_pb2
 
-from meshgate.runtime import batch_helper_threads_while_serving
+from meshgate.threads import batch_helper_threads_while_serving
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
 # No statuses: a do-nothing RLS (Envoy then adds no X-RateLimit headers); the cost measured is the call alone.

@@ -11,7 +11,6 @@ import contextlib
 import gc
 import logging
 import signal
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
@@ -23,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meshgate.admin import AdminServer, build_admin_app, serve_admin
 from meshgate.settings import ServeSettings
-from meshgate.threads import batch_helper_threads
+from meshgate.threads import batch_helper_threads_while_serving
 
 log = logging.getLogger(__name__)
 
@@ -326,16 +325,3 @@ async def freeze_heap_when_started(runtime: ServiceRuntime) -> None:
     await runtime.started.wait()
     gc.collect()
     gc.freeze()
-
-
-HELPER_THREADS_RESCAN_S = 30.0
-
-
-async def batch_helper_threads_while_serving(serving: asyncio.Event, rescan_s: float = HELPER_THREADS_RESCAN_S) -> None:
-    """Once ``serving`` is set (grpc's threads exist by then), make this process's helper threads SCHED_BATCH
-    (``meshgate.threads``), and again every ``rescan_s`` for threads started since. Run it on the loop's thread."""
-    await serving.wait()
-    loop_thread = threading.get_native_id()
-    while True:
-        batch_helper_threads(loop_thread)
-        await asyncio.sleep(rescan_s)

@@ -14,13 +14,16 @@ loop thread starts later (e.g. ``asyncio.to_thread`` workers) are picked up by c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 TASKS = Path("/proc/self/task")
+RESCAN_S = 30.0
 
 
 def batch_helper_threads(loop_thread_id: int, tasks: Path = TASKS) -> int:
@@ -52,3 +55,13 @@ def batch_helper_threads(loop_thread_id: int, tasks: Path = TASKS) -> int:
     if changed:
         log.debug("helper threads set to SCHED_BATCH", extra={"threads": changed})
     return changed
+
+
+async def batch_helper_threads_while_serving(serving: asyncio.Event, rescan_s: float = RESCAN_S) -> None:
+    """Once ``serving`` is set (grpc's threads exist by then), make this process's helper threads SCHED_BATCH,
+    and again every ``rescan_s`` for threads started since. Run it on the event loop's thread."""
+    await serving.wait()
+    loop_thread = threading.get_native_id()
+    while True:
+        batch_helper_threads(loop_thread)
+        await asyncio.sleep(rescan_s)

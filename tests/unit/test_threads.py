@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshgate.runtime import batch_helper_threads_while_serving
-from meshgate.threads import batch_helper_threads
+from meshgate.threads import batch_helper_threads, batch_helper_threads_while_serving
 from tests.support.procs import start
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
