@@ -39,7 +39,7 @@ class ServeSettings:
     shadow_mode: bool = False  # ratelimit: never refuse, only count and log what would have been refused
     ratelimit_headers: str = "off"  # ratelimit: off | draft (IETF RateLimit) | classic (X-RateLimit-*) | both
     near_limit_ratio: float = 0.8  # ratelimit: share of a limit from which hits count as near_limit
-    batch_helper_threads: bool = True  # grpc's helper threads as SCHED_BATCH: fewer preemptions (meshgate.threads)
+    batch_helper_threads: bool = True  # threads but the loop's (grpc's) as SCHED_BATCH: fewer preemptions
 
     @property
     def env_names(self) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Helper threads that yield to the event loop: grpc's threads run as SCHED_BATCH (Linux).
+"""Helper threads that yield to the event loop: every thread but the loop's runs as SCHED_BATCH (Linux).
 
 grpc.aio hands every completion (a call arriving, its message read, its answer sent, its end) from grpc's own
 threads (C-core's event-engine pool, then a poller thread) to the event loop over a socket. On a busy core, each
@@ -8,8 +8,9 @@ waits, and then handles several events per switch. Measured on the extauthz gRPC
 load): ~3.5 context switches per RPC, 10-25% less CPU per RPC at saturation, latency at 500 rps unchanged.
 
 Only the helper threads change: the event-loop thread keeps the normal policy, so it still gets the core at once
-when a call arrives on an idle or lightly loaded core. New threads inherit their creator's policy; the few that the
-loop thread starts later (e.g. ``asyncio.to_thread`` workers) are picked up by calling this again.
+when a call arrives on an idle or lightly loaded core. Background workers (``asyncio.to_thread``: file checks, JWKS
+fetches) become SCHED_BATCH too, which suits them. New threads inherit their creator's policy; the few that the loop
+thread starts later are picked up by calling this again.
 """
 
 from __future__ import annotations
