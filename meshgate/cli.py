@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deadline-seconds", type=float, help="per-call budget before failing closed (default 1)")
     serve.add_argument(
         "--backend",
-        help="ratelimit counters: memory (default) or redis://, rediss://, redis+cluster://, redis+sentinel:// URL",
+        help="ratelimit counters: memory (default) or a redis://, rediss://, redis+cluster://, redis+sentinel:// or "
+        "unix:// (socket path) URL",
     )
     serve.add_argument("--backend-timeout-seconds", type=float, help="ratelimit: per Redis call (default 0.1)")
     serve.add_argument(

@@ -13,6 +13,8 @@ URL formats (credentials percent-encoded; a bad URL raises ValueError with a mes
     rediss+cluster://...                                                  Cluster over TLS
     redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db][?options]
     rediss+sentinel://...                                                 Sentinel (port 26379), TLS everywhere
+    unix://[[user]:password@]/path/to/redis.sock[?db=N]                   standalone on a unix socket (node-local
+                                                                          Redis; envoyproxy's REDIS_SOCKET_TYPE=unix)
 
 Options (query string):
     ca_cert=PATH  cert=PATH  key=PATH   TLS: CA bundle to verify the server, client cert + key (mutual TLS)
@@ -74,6 +76,7 @@ class RedisUrl:
     check_hostname: bool = True
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
+    socket_path: str = ""  # unix://: the socket's absolute path (hosts is empty then)
 
 
 def redacted_url(url: str) -> str:
@@ -133,24 +136,46 @@ def _parse_bool(url: str, name: str, text: str) -> bool:
     raise _fail(url, f"option {name} must be true or false, got {text!r}")
 
 
+def _parse_userinfo(url: str, userinfo: str) -> tuple[str | None, str | None]:
+    user_text, colon, pass_text = userinfo.partition(":")
+    username = unquote(user_text) or None
+    password = unquote(pass_text) if colon else None
+    if username is not None and password is None:
+        raise _fail(url, "a user name needs a password (user:password@)")
+    return username, password
+
+
+def _parse_unix(url: str, rest: str) -> RedisUrl:
+    """``unix://[[user]:password@]/absolute/path[?db=N]``."""
+    rest, _q, query = rest.partition("?")
+    userinfo, at, path = rest.rpartition("@") if "@" in rest else ("", "", rest)
+    username, password = _parse_userinfo(url, userinfo) if at else (None, None)
+    if not path.startswith("/") or path == "/":
+        raise _fail(url, "a unix socket needs an absolute path: unix:///path/to/redis.sock")
+    db = 0
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name != "db":
+            raise _fail(url, f"unknown option {name!r} (known: db)")
+        db = _parse_db(url, value)
+    return RedisUrl(kind="standalone", hosts=(), username=username, password=password, db=db, socket_path=path)
+
+
 def parse_url(url: str) -> RedisUrl:
     """Validate ``url`` (formats in the module docstring); ValueError names what is wrong."""
     scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() == "unix":
+        if "#" in rest:
+            raise _fail(url, "fragments (#...) are not allowed")
+        return _parse_unix(url, rest)
     if not sep or scheme.lower() not in _SCHEMES:
-        raise _fail(url, f"scheme must be one of {', '.join(s + '://' for s in _SCHEMES)}")
+        raise _fail(url, f"scheme must be one of {', '.join(s + '://' for s in (*_SCHEMES, 'unix'))}")
     kind, tls = _SCHEMES[scheme.lower()]
     if "#" in rest:
         raise _fail(url, "fragments (#...) are not allowed")
     rest, _q, query = rest.partition("?")
     netloc, _slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user_text, colon, pass_text = userinfo.partition(":")
-        username = unquote(user_text) or None
-        password = unquote(pass_text) if colon else None
-        if username is not None and password is None:
-            raise _fail(url, "a user name needs a password (user:password@)")
+    username, password = _parse_userinfo(url, userinfo) if at else (None, None)
     if not hostlist:
         raise _fail(url, "missing host")
     hosts = tuple(_parse_host(url, item, _DEFAULT_PORT[kind]) for item in hostlist.split(","))
@@ -263,7 +288,7 @@ def ssl_context(parsed: RedisUrl) -> ssl.SSLContext | None:
 
 
 def _resp(
-    url: str, parsed: RedisUrl, address: Address | Callable[[], Awaitable[Address]], timeout_s: float
+    url: str, parsed: RedisUrl, address: Address | str | Callable[[], Awaitable[Address]], timeout_s: float
 ) -> RespClient:
     try:
         context = ssl_context(parsed)
@@ -321,6 +346,9 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
             return str(host), int(port)
 
         return RedisTarget("sentinel", safe, client=client, resp=_resp(url, parsed, master_address, timeout_s))
+    if parsed.socket_path:
+        client = Redis(unix_socket_path=parsed.socket_path, db=parsed.db, **common)
+        return RedisTarget("standalone", safe, client=client, resp=_resp(url, parsed, parsed.socket_path, timeout_s))
     host, port = parsed.hosts[0]
     client = Redis(host=host, port=port, db=parsed.db, **common)
     return RedisTarget("standalone", safe, client=client, resp=_resp(url, parsed, (host, port), timeout_s))

@@ -9,7 +9,8 @@ on redis-py (``meshgate.redis``).
   of pending calls. A call may be several commands (e.g. MULTI ... EXEC): one write, one future.
 - Connecting: lazily on the first call and again after the connection is lost, bounded by ``timeout_s``; concurrent
   callers share one attempt. AUTH and SELECT go in the same write as the handshake. TLS by an ``ssl.SSLContext``.
-  ``address`` may be a coroutine function, asked at every (re)connect: Sentinel master discovery plugs in there.
+  ``address`` may be a unix socket's path, or a coroutine function asked at every (re)connect: Sentinel master
+  discovery plugs in there.
 - Deadlines: every call fails with ``TimeoutError`` when its reply is not back within ``timeout_s`` of sending it
   (connecting first is bounded by ``timeout_s`` too). One timer per connection does it, re-armed only when it fires
   (``asyncio.timeout`` around each call cost ~5 us of CPU: a timer per call). Replies come in order, so an overdue
@@ -178,7 +179,7 @@ class RespClient:
 
     def __init__(
         self,
-        address: Address | Callable[[], Awaitable[Address]],
+        address: Address | str | Callable[[], Awaitable[Address]],
         *,
         timeout_s: float,
         username: str | None = None,
@@ -197,7 +198,7 @@ class RespClient:
         self.connects = 0  # connections opened (tests, metrics)
 
     def __repr__(self) -> str:
-        where = self._address if isinstance(self._address, tuple) else "discovered"
+        where = self._address if isinstance(self._address, tuple | str) else "discovered"
         return f"RespClient({where}, db={self._db}, tls={self._ssl is not None})"
 
     async def execute(self, *command: Arg) -> Any:
@@ -267,21 +268,25 @@ class RespClient:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+
+        def factory() -> _Protocol:
+            return _Protocol(loop, self.timeout_s)
+
+        proto: _Protocol
         async with asyncio.timeout(self.timeout_s):
-            if isinstance(self._address, tuple):
-                host, port = self._address
+            if isinstance(self._address, str):
+                _transport, proto = await loop.create_unix_connection(factory, self._address, ssl=self._ssl)
             else:
-                try:
-                    host, port = await self._address()
-                except Exception as error:  # e.g. no sentinel answers: one kind of failure for the caller
-                    raise ConnectionError(f"redis address discovery failed: {error}") from error
-            _transport, proto = await loop.create_connection(
-                lambda: _Protocol(loop, self.timeout_s),
-                host,
-                port,
-                ssl=self._ssl,
-                server_hostname=host if self._ssl else None,
-            )
+                if isinstance(self._address, tuple):
+                    host, port = self._address
+                else:
+                    try:
+                        host, port = await self._address()
+                    except Exception as error:  # e.g. no sentinel answers: one kind of failure for the caller
+                        raise ConnectionError(f"redis address discovery failed: {error}") from error
+                _transport, proto = await loop.create_connection(
+                    factory, host, port, ssl=self._ssl, server_hostname=host if self._ssl else None
+                )
             try:
                 handshake: list[Command] = []
                 if self._password is not None:

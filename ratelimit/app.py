@@ -36,6 +36,7 @@ REDIS_SCHEMES = (
     "rediss+cluster://",
     "redis+sentinel://",
     "rediss+sentinel://",
+    "unix://",
 )
 
 

@@ -49,11 +49,13 @@ class Stack:
             return str(reply.read().decode())
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+@pytest.fixture(scope="module", params=["memory", "redis", "redis-unix"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     backend = "memory"
     if request.param == "redis":
         backend = str(request.getfixturevalue("redis_standalone_url"))
+    elif request.param == "redis-unix":  # the same server over its unix socket; db 1, so the counts start afresh
+        backend = str(request.getfixturevalue("redis_unix_url")) + "?db=1"
     folder = tmp_path_factory.mktemp(f"rl-e2e-{request.param}")
     config = folder / "e2e.yaml"
     shutil.copy(CONFIG, config)

@@ -96,6 +96,8 @@ class RedisServer:
             return [REDIS_SERVER, str(conf), "--sentinel"]
         cmd = [REDIS_SERVER, "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "", "--appendonly", "no"]
         cmd += ["--protected-mode", "no", "--loglevel", "notice"]
+        if self.sentinel_config is None:
+            cmd += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.tls is None:
             cmd += ["--port", str(self.port)]
         else:
@@ -148,6 +150,15 @@ class RedisServer:
 
     def log(self) -> str:
         return self._proc.output() if self._proc is not None else ""
+
+    @property
+    def socket_path(self) -> Path:
+        return self.dir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"unix://{auth}{self.socket_path}"
 
     @property
     def url(self) -> str:
@@ -246,6 +257,15 @@ class RedisCluster:
             node.cleanup()
 
     @property
+    def socket_path(self) -> Path:
+        return self.dir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"unix://{auth}{self.socket_path}"
+
+    @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
@@ -314,6 +334,15 @@ class RedisSentinel:
     def cleanup(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.cleanup()
+
+    @property
+    def socket_path(self) -> Path:
+        return self.dir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"unix://{auth}{self.socket_path}"
 
     @property
     def url(self) -> str:
@@ -387,6 +416,12 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_standalone_url(redis_standalone: RedisServer) -> str:
     return redis_standalone.url
+
+
+@pytest.fixture(scope="session")
+def redis_unix_url(redis_standalone: RedisServer) -> str:
+    """The shared standalone server, on its unix socket."""
+    return redis_standalone.unix_url
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,13 @@ with contextlib.suppress(ImportError):  # the redis helper's session fixtures (s
         redis_sentinel_url,
         redis_standalone,
         redis_standalone_url,
+        redis_unix_url,
     )
 
-BACKENDS = ["memory", "redis", "redis_cluster", "redis_sentinel"]
+BACKENDS = ["memory", "redis", "redis_unix", "redis_cluster", "redis_sentinel"]
 URL_FIXTURES = {
     "redis": "redis_standalone_url",
+    "redis_unix": "redis_unix_url",
     "redis_cluster": "redis_cluster_url",
     "redis_sentinel": "redis_sentinel_url",
 }

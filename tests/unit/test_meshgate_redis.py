@@ -61,6 +61,12 @@ from tests.support.redis_servers import (  # noqa: F401  (pytest fixtures)
             "rediss+sentinel://s1/m?ca_cert=/ca",
             RedisUrl("sentinel", (("s1", 26379),), tls=True, master="m", ca_cert="/ca"),
         ),
+        ("unix:///run/redis.sock", RedisUrl("standalone", (), socket_path="/run/redis.sock")),
+        ("UNIX:///r.sock?db=2", RedisUrl("standalone", (), db=2, socket_path="/r.sock")),
+        (
+            "unix://alice:p%40w@/var/run/redis/redis.sock",
+            RedisUrl("standalone", (), username="alice", password="p@w", socket_path="/var/run/redis/redis.sock"),
+        ),
     ],
 )
 def test_parse_url_accepts_every_scheme(url: str, expected: RedisUrl) -> None:
@@ -93,6 +99,13 @@ def test_parse_url_accepts_every_scheme(url: str, expected: RedisUrl) -> None:
         ("rediss://h?check_hostname=maybe", "true or false"),
         ("redis://alice@h", "needs a password"),
         ("redis://h#frag", "fragments"),
+        ("unix://redis.sock", "absolute path"),
+        ("unix:///", "absolute path"),
+        ("unix://:pw@", "absolute path"),
+        ("unix:///r.sock?ca_cert=/x", "unknown option 'ca_cert'"),
+        ("unix:///r.sock?db=x", "database must be a number"),
+        ("unix://alice@/r.sock", "needs a password"),
+        ("unix:///r.sock#f", "fragments"),
     ],
 )
 def test_parse_url_rejects_bad_urls_clearly(url: str, message: str) -> None:
@@ -122,6 +135,7 @@ def test_errors_and_reprs_never_show_passwords() -> None:
             "redis+sentinel://:***@a,b/m?sentinel_password=***&ca_cert=/c",
         ),
         ("redis://:p@ss@h", "redis://:***@h"),  # an unencoded @ in the password: still masked
+        ("unix://:pw@/r.sock?db=1", "unix://:***@/r.sock?db=1"),
         ("garbage:pw@h", "***"),
         ("", ""),
     ],
@@ -190,13 +204,18 @@ async def test_tls_rejects_an_unknown_ca_and_a_wrong_password(
             await target.close()
 
 
-async def test_password_auth_standalone() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_password_auth_standalone(transport: str) -> None:
     with RedisServer(password="s3cret") as server:
-        good = connect(f"redis://:s3cret@127.0.0.1:{server.port}", timeout_s=2.0)
-        bad = connect(f"redis://127.0.0.1:{server.port}", timeout_s=2.0)
+        address = f"127.0.0.1:{server.port}" if transport == "tcp" else f"{server.socket_path}"
+        scheme = "redis://" if transport == "tcp" else "unix://"
+        good = connect(f"{scheme}:s3cret@{address}", timeout_s=2.0)
+        bad = connect(f"{scheme}{address}", timeout_s=2.0)
         try:
             assert await good.ping()
             assert not await bad.ping()
+            assert good.client is not None
+            assert await good.client.ping()  # redis-py's client on the same URL
         finally:
             await good.close()
             await bad.close()

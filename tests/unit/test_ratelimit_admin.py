@@ -176,6 +176,7 @@ def test_options_come_from_the_settings(tmp_path: Path) -> None:
 def test_backend_names() -> None:
     assert rl_app.backend_name("memory") == "memory"
     assert rl_app.backend_name("redis+sentinel://mymaster@h:26379") == "redis"
+    assert rl_app.backend_name("unix:///run/redis.sock") == "redis"
     with pytest.raises(SettingsError, match="expected memory or a redis URL"):
         rl_app.backend_name("postgres://x")
 
