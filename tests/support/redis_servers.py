@@ -257,15 +257,6 @@ class RedisCluster:
             node.cleanup()
 
     @property
-    def socket_path(self) -> Path:
-        return self.dir / "redis.sock"
-
-    @property
-    def unix_url(self) -> str:
-        auth = f":{self.password}@" if self.password is not None else ""
-        return f"unix://{auth}{self.socket_path}"
-
-    @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
@@ -334,15 +325,6 @@ class RedisSentinel:
     def cleanup(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.cleanup()
-
-    @property
-    def socket_path(self) -> Path:
-        return self.dir / "redis.sock"
-
-    @property
-    def unix_url(self) -> str:
-        auth = f":{self.password}@" if self.password is not None else ""
-        return f"unix://{auth}{self.socket_path}"
 
     @property
     def url(self) -> str:
