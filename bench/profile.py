@@ -282,10 +282,15 @@ def _spy(transport: str, rate: int, duration: float, native: bool, save: Path | 
     with contextlib.ExitStack() as resources:
         issuer = resources.enter_context(BenchIssuer())
         tmp = resources.enter_context(tempfile.TemporaryDirectory(prefix="meshgate-profile-"))
-        redis_url, redis_pid = (
-            resources.enter_context(runner._redis_server(svc_cpu)) if scenario.needs_redis else ("", 0)
+        redis = resources.enter_context(runner._redis_server(svc_cpu)) if scenario.needs_redis else None
+        redis_url = redis.url if redis is not None else ""
+        ctx = RunContext(
+            policy=issuer.policy,
+            auth_headers=issuer.headers(),
+            redis_url=redis_url,
+            redis_pid=redis.pid if redis is not None else 0,
+            redis_unix_url=redis.unix_url if redis is not None else "",
         )
-        ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers(), redis_url=redis_url, redis_pid=redis_pid)
         upstream = start(
             [sys.executable, "-m", "meshgate.devservers.echo", "--port", str(port := free_port())],
             ready_port=port,

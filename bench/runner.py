@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench import loadgen
 from bench.issuer import BenchIssuer
@@ -158,18 +158,26 @@ def process_cpu_s(pids: Sequence[int]) -> float:
     return total_ns / 1e9
 
 
+class BenchRedis(NamedTuple):
+    url: str  # over TCP loopback
+    unix_url: str  # the same server over its unix socket
+    pid: int
+
+
 @contextlib.contextmanager
-def _redis_server(cpu: int | None) -> Iterator[tuple[str, int]]:
-    """A throw-away redis-server on a free loopback port, on the service core, without persistence."""
+def _redis_server(cpu: int | None) -> Iterator[BenchRedis]:
+    """A throw-away redis-server on a free loopback port and a unix socket, on ``cpu``, without persistence."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found (apt-get install -y redis-server)")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-redis-") as tmp:
+        socket = Path(tmp) / "redis.sock"
         cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp]
+        cmd += ["--unixsocket", str(socket), "--unixsocketperm", "700"]
         proc = start(cmd, ready_port=port, timeout=15, cpu=cpu, name="redis")
         try:
-            yield f"redis://127.0.0.1:{port}/0", proc.pid
+            yield BenchRedis(f"redis://127.0.0.1:{port}/0", f"unix://{socket}", proc.pid)
         finally:
             proc.cleanup()
 
@@ -246,8 +254,8 @@ def run(opts: Options) -> dict[str, Any]:
             answer = issuer.http_allow_answer() if "floor-http-answer" in names else None
             ctx = RunContext(policy=issuer.policy, auth_headers=issuer.headers(), http_answer=answer)
         if any(SCENARIOS[n].needs_redis for n in names):
-            url, pid = resources.enter_context(_redis_server(envoy_cpu if opts.redis_core == "envoy" else svc_cpu))
-            ctx = RunContext(ctx.policy, ctx.auth_headers, url, pid, ctx.http_answer)
+            redis = resources.enter_context(_redis_server(envoy_cpu if opts.redis_core == "envoy" else svc_cpu))
+            ctx = RunContext(ctx.policy, ctx.auth_headers, redis.url, redis.pid, ctx.http_answer, redis.unix_url)
         stacks = _drive(opts, names, ctx, envoy_cpu, svc_cpu)
         redis_stats = redis_commandstats(ctx.redis_url) if ctx.redis_url else {}
     return _report(opts, names, stacks, tool, envoy_cpu, svc_cpu, redis_stats)

@@ -32,6 +32,7 @@ class RunContext:
     redis_url: str = ""  # the bench's redis-server, when a scenario needs one
     redis_pid: int = 0  # its process (its CPU counts for the scenarios that use it)
     http_answer: Path | None = None  # a file with extauthz's HTTP allow answer to the bench request
+    redis_unix_url: str = ""  # the same redis-server over its unix socket
 
 
 Command = Callable[[int, RunContext], list[str]]  # (port, context) -> argv
@@ -102,10 +103,11 @@ def _meshgate_extauthz(transport: str) -> Command:
 
 
 def _meshgate_ratelimit(backend: str) -> Command:
-    """``meshgate serve ratelimit`` with the bench descriptors; backend "memory" or "redis" (the bench's server)."""
+    """``meshgate serve ratelimit`` with the bench descriptors; backend "memory", or "redis" / "redis-unix" (the
+    bench's server over TCP or over its unix socket)."""
 
     def command(port: int, ctx: RunContext) -> list[str]:
-        url = ctx.redis_url if backend == "redis" else backend
+        url = {"redis": ctx.redis_url, "redis-unix": ctx.redis_unix_url}.get(backend, backend)
         return _py(
             "meshgate", "serve", "ratelimit", "--config", str(RATELIMIT_CONFIG), "--backend", url,
             "--grpc-port", str(port), "--admin-port", "-1", "--log-level", "warning",
@@ -149,6 +151,8 @@ SCENARIOS: dict[str, Scenario] = {
         _ratelimit("ratelimit-memory", "floor-rls", _meshgate_ratelimit("memory")),
         # issue 3's targets compare the Redis backend with the in-memory one (saturation >= 0.9x, p99 <= 1.2x).
         _ratelimit("ratelimit-redis", "ratelimit-memory", _meshgate_ratelimit("redis"), redis=True),
+        # The same server over its unix socket: a node-local Redis (unix:// backend URL).
+        _ratelimit("ratelimit-redis-unix", "ratelimit-memory", _meshgate_ratelimit("redis-unix"), redis=True),
         Scenario(
             "both",
             "extauthz-ratelimit",
