@@ -148,7 +148,10 @@ def _parse_userinfo(url: str, userinfo: str) -> tuple[str | None, str | None]:
 def _parse_unix(url: str, rest: str) -> RedisUrl:
     """``unix://[[user]:password@]/absolute/path[?db=N]``."""
     rest, _q, query = rest.partition("?")
-    userinfo, at, path = rest.rpartition("@") if "@" in rest else ("", "", rest)
+    userinfo, at, path = "", "", rest
+    if not rest.startswith("/"):  # credentials end where the absolute path begins (a path may hold an @)
+        userinfo, at, tail = rest.partition("@/")
+        path = "/" + tail if at else rest
     username, password = _parse_userinfo(url, userinfo) if at else (None, None)
     if not path.startswith("/") or path == "/":
         raise _fail(url, "a unix socket needs an absolute path: unix:///path/to/redis.sock")
@@ -163,15 +166,13 @@ def _parse_unix(url: str, rest: str) -> RedisUrl:
 def parse_url(url: str) -> RedisUrl:
     """Validate ``url`` (formats in the module docstring); ValueError names what is wrong."""
     scheme, sep, rest = url.partition("://")
-    if sep and scheme.lower() == "unix":
-        if "#" in rest:
-            raise _fail(url, "fragments (#...) are not allowed")
-        return _parse_unix(url, rest)
-    if not sep or scheme.lower() not in _SCHEMES:
+    if not sep or scheme.lower() not in (*_SCHEMES, "unix"):
         raise _fail(url, f"scheme must be one of {', '.join(s + '://' for s in (*_SCHEMES, 'unix'))}")
-    kind, tls = _SCHEMES[scheme.lower()]
     if "#" in rest:
         raise _fail(url, "fragments (#...) are not allowed")
+    if scheme.lower() == "unix":
+        return _parse_unix(url, rest)
+    kind, tls = _SCHEMES[scheme.lower()]
     rest, _q, query = rest.partition("?")
     netloc, _slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")

@@ -63,6 +63,8 @@ from tests.support.redis_servers import (  # noqa: F401  (pytest fixtures)
         ),
         ("unix:///run/redis.sock", RedisUrl("standalone", (), socket_path="/run/redis.sock")),
         ("UNIX:///r.sock?db=2", RedisUrl("standalone", (), db=2, socket_path="/r.sock")),
+        ("unix:///run/a@b/r.sock", RedisUrl("standalone", (), socket_path="/run/a@b/r.sock")),
+        ("unix://:pw@/run/a@b/r.sock", RedisUrl("standalone", (), password="pw", socket_path="/run/a@b/r.sock")),
         (
             "unix://alice:p%40w@/var/run/redis/redis.sock",
             RedisUrl("standalone", (), username="alice", password="p@w", socket_path="/var/run/redis/redis.sock"),
