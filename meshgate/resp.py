@@ -275,7 +275,7 @@ class RespClient:
         proto: _Protocol
         async with asyncio.timeout(self.timeout_s):
             if isinstance(self._address, str):
-                _transport, proto = await loop.create_unix_connection(factory, self._address, ssl=self._ssl)
+                _transport, proto = await loop.create_unix_connection(factory, self._address)  # no TLS on a socket
             else:
                 if isinstance(self._address, tuple):
                     host, port = self._address
