@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from extauthz.config import METADATA_KEYS, ResponseSettings
+from extauthz.config import ResponseSettings
 from extauthz.model import CheckInput, Decision, Identity, Reason
 
 JSON_CONTENT_TYPE = ("content-type", "application/json")
@@ -21,7 +21,7 @@ def identity_header_names(settings: ResponseSettings) -> tuple[str, ...]:
     )
 
 
-def identity_metadata(identity: Identity, keys: tuple[str, ...] = METADATA_KEYS) -> dict[str, str]:
+def identity_metadata(identity: Identity, keys: tuple[str, ...]) -> dict[str, str]:
     """String-valued metadata for Envoy's rate-limit ``metadata`` actions (only strings match there): the
     non-empty ones of ``keys`` (the policy's ``response.metadata``), in that order."""
     values = {

@@ -266,27 +266,28 @@ class RespClient:
         else:
             task.result().abort("closed by the client")
 
-    async def _open(self) -> _Protocol:
+    async def _connect(self) -> _Protocol:
+        """A new connection to the address (a unix socket's path, host and port, or asked of the discovery)."""
         loop = asyncio.get_running_loop()
 
         def factory() -> _Protocol:
             return _Protocol(loop, self.timeout_s)
 
-        proto: _Protocol
+        address = self._address
+        if isinstance(address, str):
+            return (await loop.create_unix_connection(factory, address))[1]  # no TLS on a socket
+        if not isinstance(address, tuple):
+            try:
+                address = await address()
+            except Exception as error:  # e.g. no sentinel answers: one kind of failure for the caller
+                raise ConnectionError(f"redis address discovery failed: {error}") from error
+        host, port = address
+        ssl_host = host if self._ssl else None
+        return (await loop.create_connection(factory, host, port, ssl=self._ssl, server_hostname=ssl_host))[1]
+
+    async def _open(self) -> _Protocol:
         async with asyncio.timeout(self.timeout_s):
-            if isinstance(self._address, str):
-                _transport, proto = await loop.create_unix_connection(factory, self._address)  # no TLS on a socket
-            else:
-                if isinstance(self._address, tuple):
-                    host, port = self._address
-                else:
-                    try:
-                        host, port = await self._address()
-                    except Exception as error:  # e.g. no sentinel answers: one kind of failure for the caller
-                        raise ConnectionError(f"redis address discovery failed: {error}") from error
-                _transport, proto = await loop.create_connection(
-                    factory, host, port, ssl=self._ssl, server_hostname=host if self._ssl else None
-                )
+            proto = await self._connect()
             try:
                 handshake: list[Command] = []
                 if self._password is not None:

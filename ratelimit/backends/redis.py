@@ -307,12 +307,11 @@ class _PackedHits:
     """A request's fast-path commands in one set of windows, packed in pieces. Between two pieces goes one SET's
     PX value (the time left in its window, plus the slack), the only part that changes from one call to the next."""
 
-    __slots__ = ("count", "hits", "periods", "pieces", "reads", "ttl_periods", "windows")
+    __slots__ = ("count", "hits", "periods", "pieces", "reads", "since_ms", "ttl_periods", "until_ms")
 
     def __init__(self, hits: Sequence[Hit], now_ms: int) -> None:
         self.hits = hits
         self.periods: list[int] = []
-        self.windows: list[int] = []  # each hit's window start: the keys name it
         # Per hit: which EXEC reply holds its key's count (its INCRBY's or GET's), and what the request's earlier
         # hits added to that key (subtracted to get the count before the request).
         self.reads: list[tuple[int, int]] = []
@@ -320,12 +319,14 @@ class _PackedHits:
         self.pieces: list[bytes] = []
         self.count = 0  # commands
         added: dict[str, int] = {}
+        windows: list[tuple[int, int]] = []  # each hit's window (start, end): the keys name it
         tail = b""
         for hit in hits:
             period_ms = hit.limit.period_s * 1000
             (key,) = storage_keys(hit, now_ms)
             self.periods.append(period_ms)
-            self.windows.append(window_start_ms(now_ms, period_ms))
+            start = window_start_ms(now_ms, period_ms)
+            windows.append((start, start + period_ms))
             earlier = added.get(key, 0)
             if hit.cost > 0:
                 self.pieces.append(tail + resp.pack_head(6) + resp.pack_args("SET", key, 0, "PX"))
@@ -339,13 +340,13 @@ class _PackedHits:
                 self.reads.append((self.count, earlier))
                 self.count += 1
         self.pieces.append(tail)
+        # The keys hold while every hit's window is still the one of now_ms: from the latest start to the first end.
+        self.since_ms = max((start for start, _ in windows), default=0)
+        self.until_ms = min((end for _, end in windows), default=0)
 
     def current(self, now_ms: int) -> bool:
         """Are these still the windows (so the keys) of a call at ``now_ms``?"""
-        for period_ms, window in zip(self.periods, self.windows, strict=True):
-            if window_start_ms(now_ms, period_ms) != window:
-                return False
-        return True
+        return self.since_ms <= now_ms < self.until_ms
 
 
 def _checked(reply: Any) -> Any:
