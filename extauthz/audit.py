@@ -12,7 +12,7 @@ from typing import Any
 
 from extauthz.config import AuditSettings
 from extauthz.model import CheckInput, Decision, IdentityKind
-from meshgate.fastmetrics import Counter, Histogram
+from meshgate.fastmetrics import Counter, CounterCell, Histogram
 from meshgate.log import get_audit_logger
 
 DECISIONS = Counter(
@@ -39,6 +39,8 @@ CHECK_DURATION = Histogram(
         0.1,
     ),
 )
+
+ALLOW_COUNTERS_SIZE = 4096  # allow decisions whose counter series is kept at hand (cleared when full)
 
 _audit = get_audit_logger()
 
@@ -76,17 +78,23 @@ class AuditObserver:
     def __init__(self, settings: AuditSettings, rng: Callable[[], float] = random.random) -> None:
         self._sample_rate = settings.allow_sample_rate
         self._rng = rng
-        # Children resolved once per (result, reason): the request path only looks them up.
-        self._counters: dict[tuple[bool, str], Any] = {}
+        self._duration = CHECK_DURATION.labels()
+        # The decisions counter's series per allow decision object (the pipeline reuses those), keyed by id and
+        # checked by ``is``: the request path then touches one cell, not the labels machinery.
+        self._allow_counters: dict[int, tuple[Decision, CounterCell]] = {}
+
+    def _counter(self, decision: Decision) -> CounterCell:
+        cell = DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason.value)
+        if decision.allowed:
+            if len(self._allow_counters) >= ALLOW_COUNTERS_SIZE:
+                self._allow_counters.clear()
+            self._allow_counters[id(decision)] = (decision, cell)
+        return cell
 
     def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None:
-        key = (decision.allowed, decision.reason.value)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason.value)
-            self._counters[key] = counter
-        counter.inc()
-        CHECK_DURATION.observe(elapsed_s)
+        known = self._allow_counters.get(id(decision))
+        (known[1] if known is not None and known[0] is decision else self._counter(decision)).inc()
+        self._duration.observe(elapsed_s)
         if decision.allowed and (self._sample_rate <= 0 or self._rng() >= self._sample_rate):
             return
         _audit.info("decision", extra=audit_entry(inp, decision, elapsed_s, request_id))

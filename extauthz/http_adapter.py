@@ -5,8 +5,10 @@ callback and the response bytes go out in the same tick. Only a ``RefreshNeeded`
 task. Responses keep request order per connection (HTTP/1.1 pipelining).
 
 Envoy sends the same bytes for every request of one client to one path, apart from ``x-request-id``. An allowed
-request that arrived alone in one read is remembered by those bytes (``Pipeline.remember_request``), and a later
-identical one is answered without parsing it: parsing into Python objects was most of this transport's CPU.
+request that arrived alone in one read is remembered by those bytes with its encoded answer
+(``Pipeline.remember_request``), and a later identical one is answered without parsing it: parsing into Python
+objects was most of this transport's CPU. Its decision is recorded (metrics, sampled audit) with the next batch of
+such repeats (``Pipeline.record_recall``), after the answer.
 
 Allow: 200 with the identity headers, ``x-envoy-auth-headers-to-remove`` and flat ``x-meshgate-md-<key>``
 headers (Envoy's ``dynamic_metadata_from_headers``). Deny: the decision's status, headers and JSON body.
@@ -21,6 +23,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
+from time import perf_counter
 from typing import cast
 
 import httptools
@@ -157,11 +160,10 @@ def request_key(data: bytes) -> tuple[bytes, str] | None:
     None when ``data`` does not hold a whole header section. Only the lower-case spelling (Envoy's) is taken out:
     the key of a request spelling it otherwise keeps its id, so it is never remembered (see ``_remember``).
     """
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    if not data.endswith(b"\r\n\r\n") and data.find(b"\r\n\r\n") < 0:  # the common case first: no body
         return None
-    start = data.find(_REQUEST_ID_LINE, 0, end)
-    if start < 0:
+    start = data.find(_REQUEST_ID_LINE)
+    if start < 0 or data.find(b"\r\n\r\n", 0, start + 2) >= 0:  # none, or in the body
         return data, ""
     stop = data.find(b"\r\n", start + 2)
     request_id = data[start + len(_REQUEST_ID_LINE) : stop].strip(b" \t").decode("latin-1")
@@ -222,11 +224,27 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        if not self._in_message and not self._pending and not self._ctx.closing:
-            if self._answer_again(data):
-                return
-        else:
+        if self._in_message or self._pending or self._ctx.closing:
             self._read_key = None
+        else:
+            # A request identical to a remembered one (see the module's doc) is answered without parsing it.
+            started = perf_counter()
+            key = self._read_key = request_key(data)
+            self._messages_in_read = 0
+            self._answered = None
+            if key is not None:
+                try:
+                    pipeline = self._ctx.get_pipeline()
+                except Exception:  # noqa: S110  # parsed instead: answered 500, the error logged there
+                    pass
+                else:
+                    entry = pipeline.recall(key[0])
+                    transport = self._transport
+                    if entry is not None and transport is not None:
+                        elapsed = perf_counter() - started
+                        transport.write(entry.answer)
+                        pipeline.record_recall(entry, key[1], elapsed)
+                        return
         if self._in_message and not self._headers_complete:
             # A single header line is buffered by the parser until it ends: bound that too.
             self._header_bytes += len(data)
@@ -251,23 +269,6 @@ class _Connection(asyncio.Protocol):
             self._remember()
 
     # -- identical requests ----------------------------------------------------------------------------------
-    def _answer_again(self, data: bytes) -> bool:
-        """Answer ``data`` from a remembered identical request, or note its key for ``_remember``."""
-        key = request_key(data)
-        self._read_key = key
-        self._messages_in_read = 0
-        self._answered = None
-        if key is None:
-            return False
-        try:
-            pipeline = self._ctx.get_pipeline()
-        except Exception:
-            return False  # parsed instead, and answered 500 with the error logged
-        return pipeline.recall(key[0], key[1], self._answer_allowed)
-
-    def _answer_allowed(self, decision: Decision) -> None:
-        self._write(self._ctx.encode(decision, False, False), False)
-
     def _remember(self) -> None:
         """Remember the read just parsed when it was one whole request, allowed, answered at once, kept open."""
         key, answered = self._read_key, self._answered
@@ -278,7 +279,7 @@ class _Connection(asyncio.Protocol):
             return
         pipeline, inp, decision = answered
         if inp.request_id == key[1]:  # else the id was spelt otherwise or repeated: the key still holds it
-            pipeline.remember_request(key[0], inp, decision)
+            pipeline.remember_request(key[0], inp, decision, self._ctx.encode(decision, False, False))
 
     def eof_received(self) -> bool:
         """The peer stopped sending: close once the answers still owed are written."""

@@ -4,8 +4,11 @@
 case: cached keys, cached tokens). Only when a provider asks for I/O (an unknown JWT ``kid``) does ``check`` await.
 Allow decisions are cached by exactly the request attributes that the providers and the rules read, never past the
 identity's expiry (token ``exp``, API-key expiry) nor ``DECISION_TTL_S``; denials are always decided afresh.
-A transport may also remember an allowed request by its own encoding of it (``remember_request``) and answer an
-identical one later without parsing it (``recall``), under the same expiry.
+A transport may also remember an allowed request by its own encoding of it, with its own encoded answer
+(``remember_request``), and answer an identical one later without parsing it (``recall``), under the same expiry.
+Such repeats are recorded (metrics, sampled audit) in batches, ``RECALL_RECORD_DELAY_S`` after the first one: on a
+core shared with the processes that act on the answer (Envoy's upstream, the client), bookkeeping right after it
+holds them up. Measured at 500 rps, straight to the HTTP port: ~2 us of CPU and ~20 us of p50 less per request.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from extauthz import response
 from extauthz.config import ResponseSettings
@@ -32,6 +35,7 @@ REQUEST_CACHE_SIZE = 4096  # whole requests (about 1 KiB each with a JWT) rememb
 DECISION_KEY_MAX_CHARS = 8 * 1024
 REQUEST_ID_HEADER = "x-request-id"
 DECISION_TTL_S = 60.0  # an allow is re-derived at least this often, even for identities that never expire
+RECALL_RECORD_DELAY_S = 0.05  # how late a repeated answer's decision may reach the metrics and the audit log
 
 
 class DecisionObserver(Protocol):
@@ -42,6 +46,15 @@ class DecisionObserver(Protocol):
     """
 
     def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None: ...
+
+
+class RememberedRequest(NamedTuple):
+    """An allowed request a transport may answer again: its encoded answer, until when, and what it was."""
+
+    answer: bytes
+    valid_until: float
+    inp: CheckInput
+    decision: Decision
 
 
 class NullObserver:
@@ -80,7 +93,9 @@ class Pipeline:
         self._decisions: dict[tuple[str | None, ...], tuple[Decision, float]] = {}
         # Whole requests a transport remembered: only sound when the request id cannot change the decision.
         self._remembers_requests = self._cache_enabled and REQUEST_ID_HEADER not in self._key_headers
-        self._requests: dict[Hashable, tuple[Decision, float, CheckInput]] = {}
+        self._requests: dict[Hashable, RememberedRequest] = {}
+        self._recalled: list[tuple[RememberedRequest, str, float]] = []  # answered, not recorded yet
+        self._record_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,6 +103,7 @@ class Pipeline:
             await provider.start()
 
     async def close(self) -> None:
+        self.record_recalled()
         for provider in self.providers:
             await provider.close()
 
@@ -180,8 +196,8 @@ class Pipeline:
             self._decisions.clear()  # cheaper than LRU bookkeeping per call; hot requests come back at once
         self._decisions[key] = (decision, self._valid_until(decision))
 
-    def remember_request(self, key: Hashable, inp: CheckInput, decision: Decision) -> None:
-        """Let a transport answer this request again without parsing it (allows only).
+    def remember_request(self, key: Hashable, inp: CheckInput, decision: Decision, answer: bytes) -> None:
+        """Let a transport answer this request again with ``answer`` without parsing it (allows only).
 
         ``key`` is the transport's encoding of every part of the request that ``inp`` was parsed from, except the
         request id: two requests with equal keys must parse to equal inputs apart from ``request_id``.
@@ -190,26 +206,35 @@ class Pipeline:
             return
         if len(self._requests) >= REQUEST_CACHE_SIZE:
             self._requests.clear()
-        self._requests[key] = (decision, self._valid_until(decision), inp)
+        self._requests[key] = RememberedRequest(answer, self._valid_until(decision), inp, decision)
 
-    def recall(self, key: Hashable, request_id: str, answer: Callable[[Decision], object]) -> bool:
-        """Give ``answer`` the allow remembered under ``key`` while it is valid, then record it as this request's
-        decision (after answering: the answer goes out first). False when there is none."""
-        started = self._clock()
+    def recall(self, key: Hashable) -> RememberedRequest | None:
+        """The request remembered under ``key`` while its allow is valid. The transport answers with its
+        ``answer`` and then calls ``record_recall`` (the answer goes out first)."""
         entry = self._requests.get(key)
-        if entry is None:
-            return False
-        decision, until, inp = entry
-        if until <= self._wall_clock():
+        if entry is not None and entry.valid_until <= self._wall_clock():
             del self._requests[key]
-            return False
-        elapsed = self._clock() - started
-        answer(decision)
-        try:
-            self.observer.record(inp, decision, elapsed, request_id)
-        except Exception:  # answered already: a failing audit log or metric must not answer twice
-            log.exception("recording a remembered decision failed")
-        return True
+            return None
+        return entry
+
+    def record_recall(self, entry: RememberedRequest, request_id: str, elapsed_s: float) -> None:
+        """Record a recalled answer as this request's decision, with the next batch (``record_recalled``)."""
+        self._recalled.append((entry, request_id, elapsed_s))
+        if self._record_timer is None:
+            self._record_timer = asyncio.get_running_loop().call_later(RECALL_RECORD_DELAY_S, self.record_recalled)
+
+    def record_recalled(self) -> None:
+        """Record the recalled answers not recorded yet. Never raises: they were answered already."""
+        if self._record_timer is not None:
+            self._record_timer.cancel()
+            self._record_timer = None
+        recalled, self._recalled = self._recalled, []
+        record = self.observer.record
+        for entry, request_id, elapsed_s in recalled:
+            try:
+                record(entry.inp, entry.decision, elapsed_s, request_id)
+            except Exception:
+                log.exception("recording a remembered decision failed")
 
     async def check(self, inp: CheckInput) -> Decision:
         """Answer, awaiting a key refresh if one is needed, within the deadline. Never raises."""

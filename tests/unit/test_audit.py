@@ -131,3 +131,19 @@ def test_a_remembered_input_is_logged_under_this_requests_id() -> None:
     """A transport answering an identical earlier request passes this request's id along with the old input."""
     entry = audit_entry(INPUT, allow(Identity(kind=IdentityKind.JWT, subject="alice")), 0.0, "r-2")
     assert entry["request_id"] == "r-2"
+
+
+def test_a_reused_allow_decision_is_counted_under_its_own_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("extauthz.audit.ALLOW_COUNTERS_SIZE", 2)
+    allowed = {"result": "allow", "reason": "allowed"}
+    public = {"result": "allow", "reason": "public"}
+    before = metric("meshgate_extauthz_decisions_total", allowed), metric("meshgate_extauthz_decisions_total", public)
+    observer = AuditObserver(AuditSettings(allow_sample_rate=0.0))
+    reused = allow()
+    for _ in range(3):
+        observer.record(INPUT, reused, 0.00001)  # the pipeline hands out the same allow object again and again
+    for _ in range(3):  # fresh objects, some of them at a freed one's address: each counted by its own reason
+        observer.record(INPUT, Decision(allowed=True, status=200, reason=Reason.PUBLIC, rule="health"), 0.00001)
+    assert len(observer._allow_counters) <= 2  # bounded
+    assert metric("meshgate_extauthz_decisions_total", allowed) == before[0] + 3
+    assert metric("meshgate_extauthz_decisions_total", public) == before[1] + 3

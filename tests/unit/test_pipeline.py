@@ -8,7 +8,7 @@ import pytest
 from extauthz.config import ResponseSettings
 from extauthz.identity.base import RefreshNeeded
 from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, IdentityKind, Reason
-from extauthz.pipeline import Pipeline
+from extauthz.pipeline import RECALL_RECORD_DELAY_S, Pipeline
 from extauthz.policy_api import Verdict
 
 INP = CheckInput(method="GET", host="h", path="/p", headers={"x-user": "alice"}, request_id="r1")
@@ -333,18 +333,24 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- whole requests remembered by a transport --------------------------------------------------------------------
-def test_a_remembered_request_is_answered_again_and_recorded_under_its_own_id() -> None:
+async def test_a_remembered_request_is_recalled_with_its_answer_and_recorded_under_its_own_id() -> None:
     now = [100.0]
     pipeline, provider, recorder = cached_pipeline(now)
     inp = request(**{"x-request-id": "a"})
     decision = pipeline.decide(inp)
-    pipeline.remember_request(b"GET /p alice", inp, decision)
-    answers: list[Decision] = []
-    assert pipeline.recall(b"GET /p alice", "b", answers.append)
-    assert answers == [decision] and provider.calls == 1
-    assert recorder.request_ids == ["a", "b"]  # observed like any decision, with this request's id
-    assert not pipeline.recall(b"GET /p bob", "c", answers.append)  # never remembered: nothing answered
-    assert answers == [decision] and len(recorder.seen) == 2
+    pipeline.remember_request(b"GET /p alice", inp, decision, b"answer bytes")
+    entry = pipeline.recall(b"GET /p alice")
+    assert entry is not None and (entry.answer, entry.decision, entry.inp) == (b"answer bytes", decision, inp)
+    assert provider.calls == 1 and recorder.request_ids == ["a"]  # recalling decides nothing and records nothing
+    pipeline.record_recall(entry, "b", 0.000_002)
+    pipeline.record_recall(entry, "c", 0.000_002)
+    assert recorder.request_ids == ["a"]  # recorded in a batch, a little later
+    await asyncio.sleep(RECALL_RECORD_DELAY_S * 2)
+    assert recorder.request_ids == ["a", "b", "c"]  # observed like any decision, each with its own request id
+    assert pipeline.recall(b"GET /p bob") is None  # never remembered
+    pipeline.record_recall(entry, "d", 0.000_002)
+    await pipeline.close()  # a pipeline replaced or stopped records what it still holds
+    assert recorder.request_ids == ["a", "b", "c", "d"]
 
 
 def test_a_remembered_request_ends_with_its_identity() -> None:
@@ -352,11 +358,11 @@ def test_a_remembered_request_ends_with_its_identity() -> None:
     pipeline, provider, _ = cached_pipeline(now)
     provider.expires_at = 130.0
     inp = request()
-    pipeline.remember_request("k", inp, pipeline.decide(inp))
+    pipeline.remember_request("k", inp, pipeline.decide(inp), b"")
     now[0] = 129.0
-    assert pipeline.recall("k", "", lambda decision: None)
+    assert pipeline.recall("k") is not None
     now[0] = 130.0  # the token's exp: parsed and decided afresh from here on
-    assert not pipeline.recall("k", "", lambda decision: None)
+    assert pipeline.recall("k") is None
     assert pipeline._requests == {}
 
 
@@ -364,9 +370,9 @@ def test_denials_and_undeclared_inputs_are_never_remembered() -> None:
     now = [100.0]
     pipeline, _, _ = cached_pipeline(now)
     denied = request(None)
-    pipeline.remember_request("denied", denied, pipeline.decide(denied))
+    pipeline.remember_request("denied", denied, pipeline.decide(denied), b"")
     undeclared = Pipeline([HeaderProvider()], Policy(), ResponseSettings())  # type: ignore[list-item]
-    undeclared.remember_request("k", INP, undeclared.decide(INP))
+    undeclared.remember_request("k", INP, undeclared.decide(INP), b"")
     assert pipeline._requests == {} and undeclared._requests == {}
 
 
@@ -376,24 +382,26 @@ def test_requests_are_not_remembered_when_a_rule_reads_the_request_id() -> None:
 
     pipeline = Pipeline([DeclaredProvider()], ReadsRequestId(), ResponseSettings())  # type: ignore[list-item]
     inp = request(**{"x-request-id": "a"})
-    pipeline.remember_request("k", inp, pipeline.decide(inp))
-    assert not pipeline.recall("k", "b", lambda decision: None)
+    pipeline.remember_request("k", inp, pipeline.decide(inp), b"")
+    assert pipeline.recall("k") is None
 
 
-def test_a_failing_observer_does_not_undo_a_recalled_answer(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failing_observer_does_not_undo_a_recalled_answer(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     pipeline, _, recorder = cached_pipeline(now)
     inp = request()
-    pipeline.remember_request("k", inp, pipeline.decide(inp))
+    pipeline.remember_request("k", inp, pipeline.decide(inp), b"")
 
     def broken(*args: object) -> None:
         raise RuntimeError("audit sink down")
 
     recorder.record = broken  # type: ignore[method-assign]
-    answers: list[Decision] = []
-    assert pipeline.recall("k", "r", answers.append)
-    assert len(answers) == 1
-    assert "recording a remembered decision failed" in caplog.text
+    entry = pipeline.recall("k")
+    assert entry is not None
+    pipeline.record_recall(entry, "r", 0.0)
+    pipeline.record_recall(entry, "s", 0.0)
+    pipeline.record_recalled()  # does not raise, and tries every one: the answers went out already
+    assert caplog.text.count("recording a remembered decision failed") == 2
 
 
 def test_remembered_requests_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -402,7 +410,7 @@ def test_remembered_requests_are_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
     pipeline, _, _ = cached_pipeline(now)
     for user in ("a", "b", "c", "d"):
         inp = request(user)
-        pipeline.remember_request(user, inp, pipeline.decide(inp))
+        pipeline.remember_request(user, inp, pipeline.decide(inp), b"")
     assert len(pipeline._requests) <= 2
 
 
