@@ -96,6 +96,8 @@ class ExtauthzService:
         await self.registry.retain(
             cache for provider in new.providers if isinstance(provider, JwtProvider) for cache in provider.caches
         )
+        # The pipeline being replaced records the repeats it answered now: no await follows, so none comes after.
+        self.watcher.current.record_recalled()
 
     async def start(self) -> None:
         self.watcher.load_initial()

@@ -40,7 +40,7 @@ CHECK_DURATION = Histogram(
     ),
 )
 
-ALLOW_COUNTERS_SIZE = 4096  # allow decisions whose counter series is kept at hand (cleared when full)
+ALLOW_COUNTERS_SIZE = 1024  # allow decisions whose counter series is kept at hand (cleared when full)
 
 _audit = get_audit_logger()
 
@@ -79,12 +79,16 @@ class AuditObserver:
         self._sample_rate = settings.allow_sample_rate
         self._rng = rng
         self._duration = CHECK_DURATION.labels()
-        # The decisions counter's series per allow decision object (the pipeline reuses those), keyed by id and
-        # checked by ``is``: the request path then touches one cell, not the labels machinery.
+        # The decisions counter's series per (result, reason), and per allow decision object (the pipeline reuses
+        # those; keyed by id, checked by ``is``): a repeated allow then touches one cell and nothing else.
+        self._counters: dict[tuple[bool, str], CounterCell] = {}
         self._allow_counters: dict[int, tuple[Decision, CounterCell]] = {}
 
     def _counter(self, decision: Decision) -> CounterCell:
-        cell = DECISIONS.labels("allow" if decision.allowed else "deny", decision.reason.value)
+        key = (decision.allowed, decision.reason.value)
+        cell = self._counters.get(key)
+        if cell is None:
+            cell = self._counters[key] = DECISIONS.labels("allow" if decision.allowed else "deny", key[1])
         if decision.allowed:
             if len(self._allow_counters) >= ALLOW_COUNTERS_SIZE:
                 self._allow_counters.clear()

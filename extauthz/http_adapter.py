@@ -167,6 +167,8 @@ def request_key(data: bytes) -> tuple[bytes, str] | None:
         return data, ""
     stop = data.find(b"\r\n", start + 2)
     request_id = data[start + len(_REQUEST_ID_LINE) : stop].strip(b" \t").decode("latin-1")
+    if not (request_id.isascii() and request_id.isprintable()) or data[stop + 2 : stop + 3] in (b" ", b"\t"):
+        return data, ""  # a value the parser may refuse, or a folded line after it: kept in, never remembered
     return data[:start] + data[stop:], request_id
 
 

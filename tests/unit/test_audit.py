@@ -142,8 +142,10 @@ def test_a_reused_allow_decision_is_counted_under_its_own_reason(monkeypatch: py
     reused = allow()
     for _ in range(3):
         observer.record(INPUT, reused, 0.00001)  # the pipeline hands out the same allow object again and again
-    for _ in range(3):  # fresh objects, some of them at a freed one's address: each counted by its own reason
-        observer.record(INPUT, Decision(allowed=True, status=200, reason=Reason.PUBLIC, rule="health"), 0.00001)
+    for i in range(6):  # short-lived objects of alternating reasons, past the bound: each under its own reason
+        reason = Reason.PUBLIC if i % 2 else Reason.ALLOWED
+        observer.record(INPUT, Decision(allowed=True, status=200, reason=reason, rule="r"), 0.00001)
+        observer.record(INPUT, reused, 0.00001)
     assert len(observer._allow_counters) <= 2  # bounded
-    assert metric("meshgate_extauthz_decisions_total", allowed) == before[0] + 3
+    assert metric("meshgate_extauthz_decisions_total", allowed) == before[0] + 3 + 3 + 6
     assert metric("meshgate_extauthz_decisions_total", public) == before[1] + 3

@@ -442,9 +442,18 @@ def test_request_key_takes_out_the_lower_case_request_id_line_only() -> None:
     assert request_key(b"GET / HTTP/1.1\r\nhost: a\r\n") is None  # header section not complete
     body = b"POST / HTTP/1.1\r\ncontent-length: 20\r\n\r\n\r\nx-request-id: r-9\r\n"
     assert request_key(body) == (body, "")  # only the header section is searched
+    ends_in_blank_line = b"POST / HTTP/1.1\r\ncontent-length: 21\r\n\r\n\r\nx-request-id: r-9\r\n\r\n"
+    assert request_key(ends_in_blank_line) == (ends_in_blank_line, "")
+    # An id the parser may refuse (a control character), or a folded line after it, stays in the key: such a
+    # request is parsed, and never matches a remembered one.
+    for odd in (envoy_request("r-\x001"), envoy_request("r-1").replace(b"\r\nauthorization", b"\r\n authorization")):
+        assert request_key(odd) == (odd, "")
 
 
-async def test_an_identical_request_is_answered_again_under_its_own_id(remembering: Remembering) -> None:
+async def test_an_identical_request_is_answered_again_under_its_own_id(
+    remembering: Remembering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("extauthz.pipeline.RECALL_RECORD_DELAY_S", 60.0)  # recorded when the test says, not before
     reader, writer = await remembering.connect()
     first = await ask(reader, writer, envoy_request("r-1"))
     second = await ask(reader, writer, envoy_request("r-2"))
@@ -497,6 +506,7 @@ async def test_only_one_whole_kept_alive_allowed_request_per_read_is_remembered(
     assert answer.headers["connection"] == "close"
     writer.close()
     assert remembering.pipeline._requests == {}
+    remembering.pipeline.record_recalled()
     assert all(not recalled for _, recalled in remembering.recorder.seen)
 
 

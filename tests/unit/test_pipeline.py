@@ -349,7 +349,7 @@ async def test_a_remembered_request_is_recalled_with_its_answer_and_recorded_und
     assert recorder.request_ids == ["a", "b", "c"]  # observed like any decision, each with its own request id
     assert pipeline.recall(b"GET /p bob") is None  # never remembered
     pipeline.record_recall(entry, "d", 0.000_002)
-    await pipeline.close()  # a pipeline replaced or stopped records what it still holds
+    await pipeline.close()  # a pipeline that stops records what it still holds
     assert recorder.request_ids == ["a", "b", "c", "d"]
 
 
