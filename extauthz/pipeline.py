@@ -8,7 +8,8 @@ A transport may also remember an allowed request by its own encoding of it, with
 (``remember_request``), and answer an identical one later without parsing it (``recall``), under the same expiry.
 Such repeats are recorded (metrics, sampled audit) in batches, ``RECALL_RECORD_DELAY_S`` after the first one: on a
 core shared with the processes that act on the answer (Envoy's upstream, the client), bookkeeping right after it
-holds them up. Measured at 500 rps, straight to the HTTP port: ~2 us of CPU and ~20 us of p50 less per request.
+holds them up. Measured at 500 rps straight to the HTTP port, against recording each one at once: p50 7-21 us
+lower in two A/B runs, CPU per request within noise.
 """
 
 from __future__ import annotations
