@@ -51,6 +51,7 @@ _SCHEMES: dict[str, tuple[Kind, bool]] = {
     "rediss+sentinel": ("sentinel", True),
 }
 _DEFAULT_PORT = {"standalone": 6379, "cluster": 6379, "sentinel": 26379}
+URL_SCHEMES = tuple(f"{scheme}://" for scheme in (*_SCHEMES, "unix"))  # every URL this module accepts starts so
 _TLS_OPTIONS = frozenset({"ca_cert", "cert", "key", "check_hostname"})
 _SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
 _SECRET_OPTIONS = frozenset({"sentinel_password"})
@@ -155,24 +156,36 @@ def _parse_unix(url: str, rest: str) -> RedisUrl:
     username, password = _parse_userinfo(url, userinfo) if at else (None, None)
     if not path.startswith("/") or path == "/":
         raise _fail(url, "a unix socket needs an absolute path: unix:///path/to/redis.sock")
-    db = 0
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name != "db":
-            raise _fail(url, f"unknown option {name!r} (known: db)")
-        db = _parse_db(url, value)
+    options = _parse_options(url, query, frozenset({"db"}))
+    db = _parse_db(url, options["db"]) if "db" in options else 0
     return RedisUrl(kind="standalone", hosts=(), username=username, password=password, db=db, socket_path=path)
+
+
+def _parse_options(url: str, query: str, allowed: frozenset[str]) -> dict[str, str]:
+    """The query string's options: each known, given once, with a value."""
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in allowed:
+            raise _fail(url, f"unknown option {name!r} (known: {', '.join(sorted(allowed))})")
+        if name in options:
+            raise _fail(url, f"option {name!r} given twice")
+        if not value:
+            raise _fail(url, f"option {name!r} needs a value")
+        options[name] = value
+    return options
 
 
 def parse_url(url: str) -> RedisUrl:
     """Validate ``url`` (formats in the module docstring); ValueError names what is wrong."""
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in (*_SCHEMES, "unix"):
-        raise _fail(url, f"scheme must be one of {', '.join(s + '://' for s in (*_SCHEMES, 'unix'))}")
+    scheme = scheme.lower()
+    if not sep or f"{scheme}://" not in URL_SCHEMES:
+        raise _fail(url, f"scheme must be one of {', '.join(URL_SCHEMES)}")
     if "#" in rest:
         raise _fail(url, "fragments (#...) are not allowed")
-    if scheme.lower() == "unix":
+    if scheme == "unix":
         return _parse_unix(url, rest)
-    kind, tls = _SCHEMES[scheme.lower()]
+    kind, tls = _SCHEMES[scheme]
     rest, _q, query = rest.partition("?")
     netloc, _slash, path = rest.partition("/")
     userinfo, at, hostlist = netloc.rpartition("@")
@@ -198,16 +211,7 @@ def parse_url(url: str) -> RedisUrl:
     if segments:
         db = _parse_db(url, segments[0])
 
-    options: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        allowed = _TLS_OPTIONS | (_SENTINEL_OPTIONS if kind == "sentinel" else frozenset())
-        if name not in allowed:
-            raise _fail(url, f"unknown option {name!r} (known: {', '.join(sorted(allowed))})")
-        if name in options:
-            raise _fail(url, f"option {name!r} given twice")
-        if not value:
-            raise _fail(url, f"option {name!r} needs a value")
-        options[name] = value
+    options = _parse_options(url, query, _TLS_OPTIONS | (_SENTINEL_OPTIONS if kind == "sentinel" else frozenset()))
     if not tls and options.keys() & _TLS_OPTIONS:
         raise _fail(url, "TLS options need a rediss:// scheme")
     if ("cert" in options) != ("key" in options):

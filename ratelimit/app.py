@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshgate.redis import URL_SCHEMES
 from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
 from meshgate.settings import ServeSettings, SettingsError
@@ -29,15 +30,6 @@ from ratelimit.service import RateLimitService
 log = logging.getLogger(__name__)
 
 RATELIMIT_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
-REDIS_SCHEMES = (
-    "redis://",
-    "rediss://",
-    "redis+cluster://",
-    "rediss+cluster://",
-    "redis+sentinel://",
-    "rediss+sentinel://",
-    "unix://",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +56,9 @@ def backend_name(url: str) -> str:
     """``memory`` or ``redis`` (a bounded metric label; never the URL, which may carry a password)."""
     if url == "memory":
         return "memory"
-    if url.lower().startswith(REDIS_SCHEMES):
+    if url.lower().startswith(URL_SCHEMES):
         return "redis"
-    raise SettingsError(f"--backend / MESHGATE_BACKEND: expected memory or a redis URL ({', '.join(REDIS_SCHEMES)})")
+    raise SettingsError(f"--backend / MESHGATE_BACKEND: expected memory or a redis URL ({', '.join(URL_SCHEMES)})")
 
 
 def make_backend(url: str, *, timeout_s: float) -> CounterBackend:
