@@ -341,9 +341,9 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
             "socket_connect_timeout": timeout_s,
             **_tls_kwargs(parsed),
         }
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel.__init__ untyped
-            list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, db=parsed.db, **common
-        )
+        # Any: redis-py before 8 leaves Sentinel.__init__ untyped, 8.x types it (no ignore fits both)
+        sentinel_type: Any = Sentinel
+        sentinel = sentinel_type(list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, db=parsed.db, **common)
         client = sentinel.master_for(parsed.master)
 
         async def master_address() -> Address:  # asked at every (re)connect, so a failover is followed
