@@ -213,10 +213,14 @@ class Pipeline:
         """The request remembered under ``key`` while its allow is valid. The transport answers with its
         ``answer`` and then calls ``record_recall`` (the answer goes out first)."""
         entry = self._requests.get(key)
-        if entry is not None and entry.valid_until <= self._wall_clock():
+        if entry is not None and not self.still_valid(entry):
             del self._requests[key]
             return None
         return entry
+
+    def still_valid(self, entry: RememberedRequest) -> bool:
+        """Whether ``entry``, which ``recall`` gave earlier, may still answer its request (its allow is valid)."""
+        return entry.valid_until > self._wall_clock()
 
     def record_recall(self, entry: RememberedRequest, request_id: str, elapsed_s: float) -> None:
         """Record a recalled answer as this request's decision, with the next batch (``record_recalled``)."""

@@ -7,11 +7,22 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from extauthz.config import ResponseSettings
-from extauthz.http_adapter import HttpListener, encode_decision, request_key, start_http_listener
+from extauthz.http_adapter import (
+    HttpListener,
+    RequestKey,
+    RequestShape,
+    encode_decision,
+    request_id_in_shape,
+    request_key,
+    request_shape,
+    start_http_listener,
+)
 from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, IdentityKind, Reason
-from extauthz.pipeline import Pipeline
+from extauthz.pipeline import DECISION_TTL_S, Pipeline, RememberedRequest
 from extauthz.policy_api import Verdict
 from tests.unit.test_grpc_adapter import FakePolicy, FakeProvider, make_pipeline
 
@@ -434,20 +445,102 @@ async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payloa
 
 
 def test_request_key_takes_out_the_lower_case_request_id_line_only() -> None:
-    key, request_id = request_key(envoy_request("r-1")) or (b"", "")
-    assert request_id == "r-1"
-    assert key == request_key(envoy_request("r-2"))[0]  # type: ignore[index]
-    assert b"r-1" not in key and b"authorization: Bearer good-alice\r\n" in key
-    assert request_key(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n") == (b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", "")
+    key = request_key(envoy_request("r-1"))
+    assert key is not None and key.request_id == "r-1"
+    assert key.key == request_key(envoy_request("r-2")).key  # type: ignore[union-attr]
+    assert b"r-1" not in key.key and b"authorization: Bearer good-alice\r\n" in key.key
+    assert envoy_request("r-1")[key.id_start : key.id_end] == b"r-1"
+    whole = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+    assert request_key(whole) == RequestKey(whole, "", -1, -1)
     assert request_key(b"GET / HTTP/1.1\r\nhost: a\r\n") is None  # header section not complete
     body = b"POST / HTTP/1.1\r\ncontent-length: 20\r\n\r\n\r\nx-request-id: r-9\r\n"
-    assert request_key(body) == (body, "")  # only the header section is searched
+    assert request_key(body) == RequestKey(body, "")  # only the header section is searched
     ends_in_blank_line = b"POST / HTTP/1.1\r\ncontent-length: 21\r\n\r\n\r\nx-request-id: r-9\r\n\r\n"
-    assert request_key(ends_in_blank_line) == (ends_in_blank_line, "")
+    assert request_key(ends_in_blank_line) == RequestKey(ends_in_blank_line, "")
     # An id the parser may refuse (a control character), or a folded line after it, stays in the key: such a
     # request is parsed, and never matches a remembered one.
     for odd in (envoy_request("r-\x001"), envoy_request("r-1").replace(b"\r\nauthorization", b"\r\n authorization")):
-        assert request_key(odd) == (odd, "")
+        assert request_key(odd) == RequestKey(odd, "")
+    blanks = request_key(envoy_request(" \t r-1 \t"))
+    assert blanks is not None and blanks.request_id == "r-1" and blanks.key == key.key
+
+
+def _shape_of(data: bytes) -> RequestShape:
+    key = request_key(data)
+    assert key is not None
+    entry = RememberedRequest(b"answer", 0.0, None, None)  # type: ignore[arg-type]  # only compared
+    shape = request_shape(data, key, entry, None)  # type: ignore[arg-type]
+    assert shape is not None
+    return shape
+
+
+def test_a_read_of_the_same_shape_has_the_same_key_and_its_own_id() -> None:
+    shape = _shape_of(envoy_request("0b5a7a3c-4a4e"))
+    assert request_id_in_shape(envoy_request("r-2"), shape) == "r-2"
+    assert request_id_in_shape(envoy_request(""), shape) == ""
+    assert request_id_in_shape(envoy_request(" \tr-3 "), shape) == "r-3"  # blanks around the value are not the id
+    for other in (
+        envoy_request("r-2", path="/y"),
+        envoy_request("r-2", token="good-bob"),
+        envoy_request("r-2") + envoy_request("r-3"),  # a second request in the same read
+        envoy_request("r-2\r\nx-auth-subject: mallory"),  # a header smuggled in the id
+        envoy_request("r-\x7f2"),
+        envoy_request("r-\u00e92"),
+        envoy_request("r-2")[:-2],  # not whole
+        b"GET /x HTTP/1.1\r\n\r\n",  # shorter than the shape
+    ):
+        assert request_id_in_shape(other, shape) is None, other
+    assert request_shape(b"GET / HTTP/1.1\r\n\r\n", RequestKey(b"GET / HTTP/1.1\r\n\r\n", ""), *shape[2:]) is None
+
+
+def _raw_request(sep: bytes, request_id: bytes, after: bytes) -> bytes:
+    return b"GET /x HTTP/1.1\r\nhost: a\r\nx-request-id:" + sep + request_id + b"\r\n" + after + b"accept: */*\r\n\r\n"
+
+
+def _plain(request_id: bytes) -> bool:
+    return not request_id.translate(None, bytes(range(0x20, 0x7F)))
+
+
+def _blanks_around_id(sep: bytes, request_id: bytes, _after: bytes) -> tuple[bytes, bytes]:
+    value = sep + request_id
+    stripped = value.strip(b" \t")
+    if not stripped:
+        return value, b""
+    before = value.index(stripped)
+    return value[:before], value[before + len(stripped) :]
+
+
+_SEPARATORS = st.sampled_from([b"", b" ", b"\t ", b"  "])
+# Mostly ids a request may be answered by its shape with, some with any bytes (CR, LF, controls, non-ASCII).
+_IDS = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E) | st.sampled_from(" \t"), max_size=10).map(
+        str.encode
+    ),
+    st.binary(max_size=10),
+)
+_AFTER_ID = st.sampled_from([b"", b" folded\r\n", b"x-a: 1\r\n", b"\r\n"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    first=st.tuples(_SEPARATORS, _IDS, _AFTER_ID),
+    second=st.tuples(_SEPARATORS, _IDS, _AFTER_ID),
+)
+def test_a_read_answered_by_its_shape_is_one_request_key_gives_the_same_key(
+    first: tuple[bytes, bytes, bytes], second: tuple[bytes, bytes, bytes]
+) -> None:
+    """Whatever the bytes, the shape's check accepts a read only where request_key finds the shape's key and the
+    same id: the cheap check never answers a read that the key would have sent to the parser."""
+    data, again = _raw_request(*first), _raw_request(*second)
+    first_key = request_key(data)
+    assume(first_key is not None and first_key.id_start >= 0)
+    assert first_key is not None
+    found = request_id_in_shape(again, _shape_of(data))
+    key = request_key(again)
+    if found is not None:
+        assert key is not None and (key.key, key.request_id) == (first_key.key, found)
+    elif first[2] == second[2] and _plain(first[1]) and _plain(second[1]) and second[1] == second[1].strip(b" \t"):
+        assert _blanks_around_id(*first) != _blanks_around_id(*second)  # the only way the shape can miss
 
 
 async def test_an_identical_request_is_answered_again_under_its_own_id(
@@ -463,6 +556,39 @@ async def test_an_identical_request_is_answered_again_under_its_own_id(
     assert remembering.recorder.seen == [("r-1", False), ("r-3", False)]  # a repeat is recorded a little later
     remembering.pipeline.record_recalled()
     assert remembering.recorder.seen == [("r-1", False), ("r-3", False), ("r-2", True)]
+    # The path /y was the last answered from memory on this connection: now it is also found by its shape.
+    assert (await ask(reader, writer, envoy_request("r-4", path="/y"))).status == 200
+    assert (await ask(reader, writer, envoy_request("r-5", path="/y"))).headers == second.headers
+    remembering.pipeline.record_recalled()
+    assert remembering.recorder.seen[3:] == [("r-4", True), ("r-5", True)]
+    writer.close()
+
+
+async def test_a_request_of_the_same_shape_is_answered_from_memory_only_while_its_allow_holds(
+    remembering: Remembering,
+) -> None:
+    now = [1000.0]
+    remembering.pipeline = Pipeline(
+        [remembering.provider],
+        DeclaredPolicy(),
+        ResponseSettings(),
+        observer=remembering.recorder,
+        wall_clock=lambda: now[0],
+    )
+    reader, writer = await remembering.connect()
+    for request_id in ("r-1", "r-2", "r-3"):  # parsed; from memory by its key; by its shape
+        assert (await ask(reader, writer, envoy_request(request_id))).status == 200
+    decided = len(remembering.provider.seen)
+    now[0] += DECISION_TTL_S + 1  # the allow ran out: decided again, not answered from memory
+    assert (await ask(reader, writer, envoy_request("r-4"))).status == 200
+    assert len(remembering.provider.seen) == decided + 1
+    # An id hiding another header line is not an id: that request is parsed (and its forged header overwritten).
+    smuggled = await ask(reader, writer, envoy_request("r-5\r\nx-auth-subject: mallory"))
+    assert smuggled.status == 200 and smuggled.headers["x-auth-subject"] == "alice"
+    remembering.pipeline.record_recalled()
+    assert remembering.recorder.seen == [
+        ("r-1", False), ("r-4", False), ("r-5", False), ("r-2", True), ("r-3", True)
+    ]  # fmt: skip
     writer.close()
 
 
@@ -475,7 +601,10 @@ class NoAdminsPolicy(DeclaredPolicy):
 
 async def test_a_reload_ends_remembered_answers(remembering: Remembering) -> None:
     reader, writer = await remembering.connect()
-    assert (await ask(reader, writer, envoy_request("r-1", path="/admin", token="good-bob-admin"))).status == 200
+    for request_id in ("r-0", "r-1"):  # the second is remembered by key and by shape
+        assert (
+            await ask(reader, writer, envoy_request(request_id, path="/admin", token="good-bob-admin"))
+        ).status == 200
     # A reload swaps the pipeline: what the old one remembered is not used, the new policy answers.
     remembering.pipeline = Pipeline([remembering.provider], NoAdminsPolicy(), ResponseSettings())
     assert (await ask(reader, writer, envoy_request("r-2", path="/admin", token="good-bob-admin"))).status == 403
