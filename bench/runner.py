@@ -71,6 +71,8 @@ class Stack:
     # CPU (user + system) of the scenario's own processes per completed request, per round, by load: services,
     # plus redis-server when the scenario uses it. Less noisy than latency on a shared machine.
     cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    # The same for Envoy: what the scenario's answers cost it (at saturation its core is the limit on HTTP).
+    envoy_cpu_us: dict[str, list[float]] = field(default_factory=dict)
     cpu_pids: tuple[int, ...] = ()
     envoy_stats: dict[str, int] = field(default_factory=dict)  # the filters' counters after all runs
 
@@ -289,16 +291,20 @@ def _drive(
                 loads.append(("saturation", None, opts.saturation_connections))
             for key, rate, conns in loads:
                 for stack in order:
-                    cpu_before = process_cpu_s(stack.cpu_pids)
+                    cpu_before, envoy_before = process_cpu_s(stack.cpu_pids), process_cpu_s([stack.envoy.pid])
                     result = loadgen.run_load(
                         stack.url, rate=rate, duration=opts.duration, connections=conns, headers=stack.headers,
                         cpu=svc_cpu,
                     )  # fmt: skip
-                    cpu_us = (process_cpu_s(stack.cpu_pids) - cpu_before) * 1e6 / max(result.requests, 1)
+                    per_request = 1e6 / max(result.requests, 1)
+                    cpu_us = (process_cpu_s(stack.cpu_pids) - cpu_before) * per_request
+                    envoy_us = (process_cpu_s([stack.envoy.pid]) - envoy_before) * per_request
                     stack.runs.setdefault(key, []).append(result)
                     stack.cpu_us.setdefault(key, []).append(cpu_us)
+                    stack.envoy_cpu_us.setdefault(key, []).append(envoy_us)
                     print(
-                        f"  round {rnd + 1} {stack.scenario.name} {key}: {result} cpu {cpu_us:.0f} us/req",
+                        f"  round {rnd + 1} {stack.scenario.name} {key}: {result} cpu {cpu_us:.0f} us/req, "
+                        f"envoy {envoy_us:.0f}",
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
     finally:
@@ -326,12 +332,23 @@ def _report(
     redis_stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     scenarios = {
-        s.scenario.name: {k: {**_median(v), "cpu_us": statistics.median(s.cpu_us[k])} for k, v in s.runs.items()}
+        s.scenario.name: {
+            k: {
+                **_median(v),
+                "cpu_us": statistics.median(s.cpu_us[k]),
+                "envoy_cpu_us": statistics.median(s.envoy_cpu_us[k]),
+            }
+            for k, v in s.runs.items()
+        }
         for s in stacks
     }
     rounds = {
         s.scenario.name: {
-            k: [{**asdict(r), "cpu_us": c} for r, c in zip(v, s.cpu_us[k], strict=True)] for k, v in s.runs.items()
+            k: [
+                {**asdict(r), "cpu_us": c, "envoy_cpu_us": e}
+                for r, c, e in zip(v, s.cpu_us[k], s.envoy_cpu_us[k], strict=True)
+            ]
+            for k, v in s.runs.items()
         }
         for s in stacks
     }
@@ -486,7 +503,7 @@ def table(report: Mapping[str, Any]) -> str:
         "",
         f"{'scenario':<16} {'load':>9} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'rps':>6} {'err':>4} "
         f"{'+p50':>6} {'+p99':>6} {'vs':<16} {'x+p50':>6} {'x+p99':>6} {'x p99':>6} {'sat x':>6} {'cpu us':>6} "
-        f"{'cpu x':>6}",
+        f"{'cpu x':>6} {'envoy us':>8}",
     ]
     references = report.get("references", {})
     for name, runs in report["scenarios"].items():
@@ -503,13 +520,15 @@ def table(report: Mapping[str, Any]) -> str:
                 f"{_fmt(cmp_row.get(f'{key}_x_ref_p99'), '6.2f'):>6} "
                 f"{_fmt(cmp_row.get(f'{key}_raw_x_ref_p99'), '6.2f'):>6} "
                 f"{_fmt(cmp_row.get('saturation_x_ref') if sat else None, '6.2f'):>6} "
-                f"{_fmt(med.get('cpu_us'), '6.0f'):>6} {_fmt(cmp_row.get(f'{key}_cpu_x_ref'), '6.2f'):>6}"
+                f"{_fmt(med.get('cpu_us'), '6.0f'):>6} {_fmt(cmp_row.get(f'{key}_cpu_x_ref'), '6.2f'):>6} "
+                f"{_fmt(med.get('envoy_cpu_us'), '8.0f'):>8}"
             )
     lines += [
         "",
         "+p50/+p99 (ms): added over passthrough at the same load; vs: the scenario compared with;",
         "x+p50/x+p99: added latency / vs's added latency; x p99: p99 / vs's p99; sat x: saturation rps / vs's;",
-        "cpu us: CPU per request of the scenario's services (+ redis-server); cpu x: that / vs's",
+        "cpu us: CPU per request of the scenario's services (+ redis-server); cpu x: that / vs's;",
+        "envoy us: Envoy's CPU per request (its core is the limit at saturation behind the HTTP services)",
         "(saturation shares core 1 with the load generator).",
         *_paired_lines(report),
     ]

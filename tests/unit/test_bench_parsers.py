@@ -140,3 +140,26 @@ def test_layout_says_where_redis_runs() -> None:
     assert runner.describe_layout(0, 1, "service").startswith("envoy: core 0; upstream, services, redis-server")
     assert runner.describe_layout(0, 1, "envoy").startswith("envoy, redis-server: core 0;")
     assert runner.describe_layout(None, None, "envoy") == "unpinned (single core)"
+
+
+def test_table_shows_each_scenarios_cpu_and_envoys() -> None:
+    def med(cpu_us: float, envoy_cpu_us: float | None) -> dict[str, float]:
+        figures = {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 2.0, "rps": 500.0, "errors": 0, "cpu_us": cpu_us}
+        return figures if envoy_cpu_us is None else {**figures, "envoy_cpu_us": envoy_cpu_us}
+
+    report = {
+        "machine": {"cpu_model": "test cpu", "nproc": 2, "python": "3.11", "envoy": "envoy 1.30"},
+        "layout": "envoy: core 0",
+        "load_generator": "h2load",
+        "settings": {"rounds": 1, "duration": 1.0},
+        "scenarios": {"floor-http": {"500": med(20, 366.7)}, "older": {"500": med(30, None)}},
+        "comparisons": {},
+        "references": {},
+        "paired": {},
+    }
+    lines = runner.table(report).splitlines()
+    assert lines[4].endswith("envoy us")
+    floor = next(line for line in lines if line.startswith("floor-http"))
+    assert floor.split()[-3:] == ["20", "-", "367"]  # CPU per request of the service, no ratio, Envoy's
+    older = next(line for line in lines if line.startswith("older"))  # results from before the column: "-"
+    assert older.split()[-1] == "-"
