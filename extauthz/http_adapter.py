@@ -8,9 +8,11 @@ Envoy sends the same bytes for every request of one client to one path, apart fr
 request that arrived alone in one read is remembered by those bytes with its encoded answer
 (``Pipeline.remember_request``), and a later identical one is answered without parsing it: parsing into Python
 objects was most of this transport's CPU. Its decision is recorded (metrics, sampled audit) with the next batch of
-such repeats (``Pipeline.record_recall``), after the answer. Each connection also keeps the last request it answered
-so, split around its id's value (``RequestShape``): a read that is the same bytes around another id is found by
-comparing them, without building its key, which costs several times more with the caches cold between requests.
+such repeats (``Pipeline.record_recall``), after the answer. Each connection also keeps the last request it found
+that way, split around its id's value (``RequestShape``): a read of the same bytes around another id is answered
+after comparing them, without building its key, which costs several times more with the caches cold between
+requests. The shape answers until its allow runs out or the pipeline is replaced, even if the pipeline's bounded
+memory dropped the request meanwhile.
 
 Allow: 200 with the identity headers, ``x-envoy-auth-headers-to-remove`` and flat ``x-meshgate-md-<key>``
 headers (Envoy's ``dynamic_metadata_from_headers``). Deny: the decision's status, headers and JSON body.
@@ -166,15 +168,12 @@ def _request_id_line(data: bytes) -> tuple[int, int, int, int] | None:
     if start < 0 or data.find(b"\r\n\r\n", 0, start + 2) >= 0:  # none, or in the body
         return None
     stop = data.find(b"\r\n", start + 2)
-    value_start = start + len(_REQUEST_ID_LINE)
-    while data[value_start : value_start + 1] in (b" ", b"\t"):
-        value_start += 1
-    value_end = stop
-    while value_end > value_start and data[value_end - 1 : value_end] in (b" ", b"\t"):
-        value_end -= 1
-    if data[value_start:value_end].translate(None, _ID_CHARS) or data[stop + 2 : stop + 3] in (b" ", b"\t"):
+    raw = data[start + len(_REQUEST_ID_LINE) : stop]
+    value = raw.strip(_ID_BLANKS)
+    value_start = stop - len(raw.lstrip(_ID_BLANKS))
+    if value.translate(None, _ID_CHARS) or data[stop + 2 : stop + 3] in (b" ", b"\t"):
         return None
-    return start, value_start, value_end, stop
+    return start, value_start, value_start + len(value), stop
 
 
 class RequestKey(NamedTuple):
@@ -264,7 +263,7 @@ class _Connection(asyncio.Protocol):
         self._read_key: RequestKey | None = None
         self._messages_in_read = 0
         self._answered: tuple[Pipeline, CheckInput, Decision] | None = None
-        self._shape: RequestShape | None = None  # the last request answered from memory
+        self._shape: RequestShape | None = None  # the last request found by its key in the pipeline's memory
         self._closing = False  # stop reading: a broken request was answered, close after the answers owed
         self._draining = False  # server stopping: close once idle
         self._linger: asyncio.TimerHandle | None = None
@@ -306,16 +305,19 @@ class _Connection(asyncio.Protocol):
                 transport = self._transport
                 shape = self._shape
                 entry = request_id = None
-                if shape is not None and shape.pipeline is pipeline:
-                    # Most often the last request answered from memory again, but for its id: no key to build.
-                    request_id = request_id_in_shape(data, shape)
-                    if request_id is not None and pipeline.still_valid(shape.entry):
-                        entry = shape.entry
+                if shape is not None:
+                    if shape.pipeline is not pipeline or not pipeline.still_valid(shape.entry):
+                        self._shape = None  # reloaded or run out: let the old pipeline and answer go
+                    else:
+                        # Most often the last request answered from memory again, but for its id: no key to build.
+                        request_id = request_id_in_shape(data, shape)
+                        if request_id is not None:
+                            entry = shape.entry
                 if entry is None:
                     key = self._read_key = request_key(data)
                     if key is not None:
                         entry, request_id = pipeline.recall(key.key), key.request_id
-                        if entry is not None:
+                        if entry is not None and len(data) <= REMEMBER_MAX_BYTES:  # (blanks around the id)
                             self._shape = request_shape(data, key, entry, pipeline)
                 if entry is not None and request_id is not None and transport is not None:
                     elapsed = perf_counter() - started

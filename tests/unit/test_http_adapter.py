@@ -439,6 +439,18 @@ def envoy_request(request_id: str, path: str = "/x", token: str = "good-alice", 
     ).encode()
 
 
+def count_request_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The reads whose key the connection built: a read answered by its shape is not among them."""
+    built: list[bytes] = []
+
+    def counting(data: bytes) -> RequestKey | None:
+        built.append(data)
+        return request_key(data)
+
+    monkeypatch.setattr("extauthz.http_adapter.request_key", counting)
+    return built
+
+
 async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> Response:
     writer.write(payload)
     return await read_response(reader)
@@ -547,6 +559,7 @@ async def test_an_identical_request_is_answered_again_under_its_own_id(
     remembering: Remembering, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("extauthz.pipeline.RECALL_RECORD_DELAY_S", 60.0)  # recorded when the test says, not before
+    keyed = count_request_keys(monkeypatch)
     reader, writer = await remembering.connect()
     first = await ask(reader, writer, envoy_request("r-1"))
     second = await ask(reader, writer, envoy_request("r-2"))
@@ -556,17 +569,28 @@ async def test_an_identical_request_is_answered_again_under_its_own_id(
     assert remembering.recorder.seen == [("r-1", False), ("r-3", False)]  # a repeat is recorded a little later
     remembering.pipeline.record_recalled()
     assert remembering.recorder.seen == [("r-1", False), ("r-3", False), ("r-2", True)]
-    # The path /y was the last answered from memory on this connection: now it is also found by its shape.
+    # r-4 is found by its key (/x was the shape kept); then its shape is kept, and r-5 is found by it.
     assert (await ask(reader, writer, envoy_request("r-4", path="/y"))).status == 200
+    assert len(keyed) == 4
     assert (await ask(reader, writer, envoy_request("r-5", path="/y"))).headers == second.headers
+    assert len(keyed) == 4  # no key built for r-5
     remembering.pipeline.record_recalled()
     assert remembering.recorder.seen[3:] == [("r-4", True), ("r-5", True)]
+    # An id with more blanks around it than a remembered request may hold: found by its key, never kept as a shape.
+    padded = envoy_request(" " * 9000 + "r-6", path="/z")
+    for _ in range(3):  # parsed, then found by its key twice: never by a shape
+        assert (await ask(reader, writer, padded)).status == 200
+    assert len(keyed) == 7
+    remembering.pipeline.record_recalled()
+    assert remembering.recorder.seen[5:] == [("r-6", False), ("r-6", True), ("r-6", True)]
     writer.close()
 
 
 async def test_a_request_of_the_same_shape_is_answered_from_memory_only_while_its_allow_holds(
-    remembering: Remembering,
+    remembering: Remembering, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("extauthz.pipeline.RECALL_RECORD_DELAY_S", 60.0)  # recorded when the test says, not before
+    keyed = count_request_keys(monkeypatch)
     now = [1000.0]
     remembering.pipeline = Pipeline(
         [remembering.provider],
@@ -578,6 +602,7 @@ async def test_a_request_of_the_same_shape_is_answered_from_memory_only_while_it
     reader, writer = await remembering.connect()
     for request_id in ("r-1", "r-2", "r-3"):  # parsed; from memory by its key; by its shape
         assert (await ask(reader, writer, envoy_request(request_id))).status == 200
+    assert len(keyed) == 2  # r-3 was found by its shape
     decided = len(remembering.provider.seen)
     now[0] += DECISION_TTL_S + 1  # the allow ran out: decided again, not answered from memory
     assert (await ask(reader, writer, envoy_request("r-4"))).status == 200
