@@ -42,6 +42,28 @@ def grpc_code_for(http_status: int) -> int:
     return PERMISSION_DENIED
 
 
+def _malformed_denial() -> external_auth_pb2.CheckResponse:
+    """The answer to bytes that are no CheckRequest (never from Envoy): 400, JSON body, nothing of the input."""
+    body = json.dumps({"error": {"code": "bad_request", "message": "malformed CheckRequest"}})
+    return external_auth_pb2.CheckResponse(
+        status=_STATUS_BY_CODE[PERMISSION_DENIED],
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=400),
+            headers=[_header("content-type", "application/json")],
+            body=body,
+        ),
+    )
+
+
+def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
+    """The method's request deserializer: the request, or None for bytes that are no CheckRequest. It must not
+    raise: grpc would answer UNKNOWN with the exception's text and log a traceback per call."""
+    try:
+        return external_auth_pb2.CheckRequest.FromString(data)
+    except Exception:
+        return None
+
+
 def _static_denial() -> external_auth_pb2.CheckResponse:
     """The answer when even the fail-closed path failed: 500, JSON body, no request-specific data."""
     body = json.dumps({"error": {"code": Reason.INTERNAL_ERROR.value, "message": "internal error"}})
@@ -117,6 +139,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     def __init__(self, get_pipeline: Callable[[], Pipeline]) -> None:
         self._get_pipeline = get_pipeline
         self._static_denial = _static_denial()
+        self._malformed_denial = _malformed_denial()
         # Built allow answers by decision object: the pipeline reuses allow decisions, and building the proto
         # (headers, Struct) costs more than everything else we do per call.
         self._allow_answers: dict[int, tuple[Decision, external_auth_pb2.CheckResponse]] = {}
@@ -134,8 +157,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         return answer
 
     async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+        self, request: external_auth_pb2.CheckRequest | None, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
+        if request is None:
+            return self._malformed_denial
         try:
             pipeline = self._get_pipeline()
         except Exception:
@@ -162,5 +187,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
 def add_to_server(server: grpc.aio.Server, get_pipeline: Callable[[], Pipeline]) -> AuthorizationServicer:
     servicer = AuthorizationServicer(get_pipeline)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    handler = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=parse_check_request,
+        response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler}),))
     return servicer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -226,6 +227,18 @@ async def test_check_denials_over_grpc(served: Served) -> None:
     assert '"request_id":"r-2"' in bad.denied_response.body
     forbidden = await served.stub.Check(check_request("/admin", {"authorization": "Bearer good-bob"}))
     assert (forbidden.status.code, forbidden.denied_response.status.code) == (7, 403)
+
+
+async def test_bytes_that_are_no_check_request_get_a_denial_not_a_grpc_error(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw_check = served.channel.unary_unary(f"/{grpc_adapter.SERVICE_NAME}/Check")
+    for garbage in (b"\xff" * 50, check_request("/x").SerializeToString()[:-3], b"\x0a\x05\xc3\x28"):
+        answer = external_auth_pb2.CheckResponse.FromString(await raw_check(garbage))
+        assert (answer.status.code, answer.denied_response.status.code) == (7, 400)
+        assert '"bad_request"' in answer.denied_response.body
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert (await served.stub.Check(check_request("/x", {"authorization": "Bearer good-alice"}))).status.code == 0
 
 
 async def test_check_refresh_needed_awaits_refresh(served: Served) -> None:
