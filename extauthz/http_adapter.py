@@ -504,7 +504,7 @@ class _Connection(asyncio.Protocol):
 
     def _write(self, payload: bytes, close: bool) -> None:
         transport = self._transport
-        if transport is None:
+        if transport is None or self._linger is not None:  # gone, or half-closed after its last answer
             return
         transport.write(payload)
         if close or (self._draining and not self._pending and not self._in_message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -214,6 +215,21 @@ async def test_connection_close_and_http10_close_after_answer(harness: Harness) 
         assert answer.headers["connection"] == "close"
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
+
+
+async def test_bytes_after_a_closing_request_are_dropped_quietly(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parser refuses what follows a request that closes the connection: that answer is owed, nothing more."""
+    after_close = request("/public", extra="Connection: close\r\n") + b"GET /public HTTP/1.1\r\n\r\n"
+    for payload in (after_close, b"GET /public HTTP/1.0\r\n\r\nX"):
+        reader, writer = await harness.connect()
+        writer.write(payload)
+        answer = await read_response(reader)
+        assert (answer.status, answer.headers["connection"]) == (200, "close")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # no 400 after it
+        writer.close()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def test_path_prefix_is_stripped(harness: Harness) -> None:
