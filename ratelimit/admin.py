@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+from starlette.requests import ClientDisconnect
 
 from meshgate.periodic import Periodic
 from ratelimit import metrics
@@ -81,6 +82,22 @@ def to_model(body: JsonRequest) -> RateLimitRequest:
     return RateLimitRequest(body.domain, descriptors, body.hits_addend or 1)
 
 
+async def _body_within(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None as soon as it is known to be over ``limit`` bytes (the rest is never read, so
+    a huge or endless upload cannot fill the memory first)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _bad_request(message: str, errors: list[Any] | None = None) -> JSONResponse:
     content: dict[str, Any] = {"error": message}
     if errors is not None:
@@ -101,8 +118,11 @@ def build_router(
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
     )
     async def json_endpoint(request: Request) -> JSONResponse:
-        raw = await request.body()
-        if len(raw) > _MAX_BODY:
+        try:
+            raw = await _body_within(request, _MAX_BODY)
+        except ClientDisconnect:  # the client left (or sent a broken chunked body): nobody to answer
+            return _bad_request("request body incomplete")
+        if raw is None:
             return _bad_request("request body too large")
         try:
             body = JsonRequest.model_validate_json(raw)

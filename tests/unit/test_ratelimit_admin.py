@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,39 @@ async def test_json_endpoint_rejects_bad_input_with_400(admin: Admin, body: Any)
     status, answer = await admin.post(body)
     assert status == 400
     assert "error" in answer
+
+
+@pytest.mark.parametrize(
+    ("framing", "first_part"),
+    [
+        ("Content-Length: 100000000", b"{"),  # says it is too large: refused before any of it is read
+        ("Transfer-Encoding: chunked", b"10000\r\n" + b"x" * 0x10000 + b"\r\n1\r\nx\r\n"),  # 64 KiB + 1 so far
+    ],
+    ids=["declared", "chunked"],
+)
+async def test_json_endpoint_refuses_a_large_body_without_waiting_for_all_of_it(
+    admin: Admin, framing: str, first_part: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", admin.server.port)
+    writer.write(f"POST /json HTTP/1.1\r\nHost: admin\r\n{framing}\r\n\r\n".encode() + first_part)
+    await writer.drain()  # and never send the rest: the answer must come anyway
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.split()[1] == b"400"
+    head_and_body = await asyncio.wait_for(reader.read(4096), 10)
+    assert b"request body too large" in head_and_body
+    writer.close()
+
+
+async def test_json_endpoint_logs_no_error_for_a_broken_chunked_body(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", admin.server.port)
+    writer.write(b"POST /json HTTP/1.1\r\nHost: admin\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 10)).split()[1] == b"400"  # the HTTP server's own answer
+    writer.close()
+    assert (await http(admin.server.port, "GET", "/healthz"))[0] == 200
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 async def test_rlconfig_and_openapi(admin: Admin) -> None:
