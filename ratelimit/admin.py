@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from meshgate.periodic import Periodic
 from ratelimit import metrics
 from ratelimit.backends.base import CounterBackend
-from ratelimit.model import Code, Descriptor, Entry, Limit, RateLimitRequest, Unit
+from ratelimit.model import MAX_DESCRIPTORS, MAX_ENTRIES, Code, Descriptor, Entry, Limit, RateLimitRequest, Unit
 from ratelimit.server import to_response
 from ratelimit.service import RateLimitService
 
@@ -50,14 +50,14 @@ class JsonLimit(_Model):
 
 
 class JsonDescriptor(_Model):
-    entries: list[JsonEntry] = Field(min_length=1, max_length=64)
+    entries: list[JsonEntry] = Field(min_length=1, max_length=MAX_ENTRIES)
     limit: JsonLimit | None = None
     hits_addend: int | None = Field(default=None, ge=0, le=2**32 - 1)
 
 
 class JsonRequest(_Model):
     domain: str = Field(min_length=1, max_length=256)
-    descriptors: list[JsonDescriptor] = Field(min_length=1, max_length=64)
+    descriptors: list[JsonDescriptor] = Field(min_length=1, max_length=MAX_DESCRIPTORS)
     hits_addend: int = Field(default=0, ge=0, le=2**32 - 1)
 
 

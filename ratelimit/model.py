@@ -81,6 +81,13 @@ class Rule:
     source: str = ""  # "file:line"
 
 
+# What one request may carry, over gRPC as over the JSON endpoint. Envoy sends a descriptor per matching
+# rate_limits action and an entry per action in it: a handful. The bound keeps one request from holding the
+# event loop (100,000 descriptors took 3 s to answer).
+MAX_DESCRIPTORS = 64
+MAX_ENTRIES = 64
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     key: str

@@ -19,6 +19,8 @@ from envoy.type.v3 import ratelimit_unit_pb2
 
 from ratelimit.backends.base import BackendUnavailable
 from ratelimit.model import (
+    MAX_DESCRIPTORS,
+    MAX_ENTRIES,
     Code,
     Descriptor,
     Entry,
@@ -75,6 +77,10 @@ def to_request(request: rls_pb2.RateLimitRequest) -> RateLimitRequest:
         raise BadRequest("rate limit domain must not be empty")
     if not request.descriptors:
         raise BadRequest("rate limit descriptor list must not be empty")
+    if len(request.descriptors) > MAX_DESCRIPTORS:
+        raise BadRequest(f"a rate limit request may carry at most {MAX_DESCRIPTORS} descriptors")
+    if any(len(descriptor.entries) > MAX_ENTRIES for descriptor in request.descriptors):
+        raise BadRequest(f"a rate limit descriptor may carry at most {MAX_ENTRIES} entries")
     descriptors = tuple(
         Descriptor(
             entries=tuple(Entry(entry.key, entry.value) for entry in descriptor.entries),

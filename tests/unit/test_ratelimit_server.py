@@ -77,11 +77,24 @@ def test_to_request_maps_hits_addend_and_overrides() -> None:
             rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(("a", "b"), limit=(1, 0))]),
             "unknown unit",
         ),
+        (
+            rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(("user", str(i))) for i in range(65)]),
+            "at most 64 descriptors",
+        ),
+        (
+            rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(*((f"k{i}", "v") for i in range(65)))]),
+            "at most 64 entries",
+        ),
     ],
 )
 def test_to_request_rejects_bad_requests(request_: rls_pb2.RateLimitRequest, message: str) -> None:
     with pytest.raises(server.BadRequest, match=message):
         server.to_request(request_)
+
+
+def test_to_request_takes_as_many_descriptors_and_entries_as_the_json_endpoint() -> None:
+    most = [descriptor(*((f"k{i}", "v") for i in range(64))) for _ in range(64)]
+    assert len(server.to_request(rls_pb2.RateLimitRequest(domain="d", descriptors=most)).descriptors) == 64
 
 
 def test_to_response_fills_statuses_and_headers() -> None:
