@@ -42,17 +42,27 @@ def grpc_code_for(http_status: int) -> int:
     return PERMISSION_DENIED
 
 
-def _malformed_denial() -> external_auth_pb2.CheckResponse:
-    """The answer to bytes that are no CheckRequest (never from Envoy): 400, JSON body, nothing of the input."""
-    body = json.dumps({"error": {"code": "bad_request", "message": "malformed CheckRequest"}})
+def _fixed_denial(grpc_code: int, http_status: int, code: str, message: str) -> external_auth_pb2.CheckResponse:
+    """A denial decided without the request: its JSON body holds nothing of the input."""
+    body = json.dumps({"error": {"code": code, "message": message}})
     return external_auth_pb2.CheckResponse(
-        status=_STATUS_BY_CODE[PERMISSION_DENIED],
+        status=_STATUS_BY_CODE[grpc_code],
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=400),
+            status=http_status_pb2.HttpStatus(code=http_status),
             headers=[_header("content-type", "application/json")],
             body=body,
         ),
     )
+
+
+def _malformed_denial() -> external_auth_pb2.CheckResponse:
+    """The answer to bytes that are no CheckRequest (never from Envoy)."""
+    return _fixed_denial(PERMISSION_DENIED, 400, "bad_request", "malformed CheckRequest")
+
+
+def _static_denial() -> external_auth_pb2.CheckResponse:
+    """The answer when even the fail-closed path failed."""
+    return _fixed_denial(UNAVAILABLE, 500, Reason.INTERNAL_ERROR.value, "internal error")
 
 
 def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
@@ -62,19 +72,6 @@ def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
         return external_auth_pb2.CheckRequest.FromString(data)
     except Exception:
         return None
-
-
-def _static_denial() -> external_auth_pb2.CheckResponse:
-    """The answer when even the fail-closed path failed: 500, JSON body, no request-specific data."""
-    body = json.dumps({"error": {"code": Reason.INTERNAL_ERROR.value, "message": "internal error"}})
-    return external_auth_pb2.CheckResponse(
-        status=_STATUS_BY_CODE[UNAVAILABLE],
-        denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=500),
-            headers=[_header("content-type", "application/json")],
-            body=body,
-        ),
-    )
 
 
 def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
