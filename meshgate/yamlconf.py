@@ -6,6 +6,7 @@ each key; ``Reader`` walks them strictly (unknown keys and wrong types are ``Con
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,8 +38,20 @@ class LocatedList(list[Any]):
     item_lines: list[int]
 
 
+# A config's values once its aliases are expanded (an alias is shared at load; code walking the config copies it):
+# far above any real config, far below what ten nested ten-way aliases (a 500-byte file) expand to.
+MAX_EXPANDED_VALUES = 1_000_000
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ConfigError, yaml.YAMLError, RecursionError):
+            raise
+        except Exception:  # a tag's constructor refusing its text: `!!int x`, an int of 5,000 digits
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            raise ConfigError(self.name, node.start_mark.line + 1, f"not a valid {kind} value") from None
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Located:
@@ -49,7 +62,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Located:
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
-            raise ConfigError(loader.name, key_node.start_mark.line + 1, f"keys must be strings, got {key!r}")
+            raise ConfigError(loader.name, key_node.start_mark.line + 1, f"keys must be strings, got {_kind(key)}")
         if key in result:
             raise ConfigError(loader.name, key_node.start_mark.line + 1, f"duplicate key {key!r}")
         result[key] = loader.construct_object(value_node, deep=True)
@@ -75,20 +88,52 @@ _Loader.yaml_implicit_resolvers = {
 
 def loads(text: str, source: str) -> Any:
     """Parse one YAML document from ``text``; ``source`` names it in errors."""
-    loader = _Loader(text)
-    loader.name = source
+    loader: _Loader | None = None
     try:
-        return loader.get_single_data()
+        loader = _Loader(text)  # checks the characters already
+        loader.name = source
+        data = loader.get_single_data()
     except ConfigError:
         raise
+    except yaml.reader.ReaderError as error:
+        line = text.count("\n", 0, max(error.position, 0)) + 1
+        what = f" (#x{error.character:04x})" if isinstance(error.character, int) else ""
+        raise ConfigError(source, line, f"invalid YAML: {error.reason}{what}") from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else 0
         raise ConfigError(source, line, f"invalid YAML: {error.problem or error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(source, 0, f"invalid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(source, 0, "invalid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+    if _expanded_size(data, {}, set()) > MAX_EXPANDED_VALUES:
+        raise ConfigError(source, 0, f"over {MAX_EXPANDED_VALUES:,} values once its aliases are expanded")
+    return data
+
+
+def _expanded_size(value: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values ``value`` holds with every alias expanded; each shared list or mapping counted once."""
+    if not isinstance(value, dict | list):
+        return 1
+    known = sizes.get(id(value))
+    if known is not None:
+        return known
+    if id(value) in open_:  # an alias inside what it names: endless once expanded
+        return MAX_EXPANDED_VALUES + 1
+    open_.add(id(value))
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    total = 1
+    for item in items:
+        total += _expanded_size(item, sizes, open_)
+        if total > MAX_EXPANDED_VALUES:
+            break
+    open_.discard(id(value))
+    sizes[id(value)] = total
+    return total
 
 
 def load(path: str | Path) -> Any:
@@ -140,9 +185,10 @@ class Reader:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"expected a number, got {_kind(value)}")
-        if minimum is not None and value < minimum:
-            raise self.error(key, f"must be at least {minimum}, got {value}")
-        return float(value)
+        number = self._finite(key, value)
+        if minimum is not None and number < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {number:g}")
+        return number
 
     def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
         """A list of strings; a single string is accepted as a list of one."""
@@ -197,9 +243,19 @@ class Reader:
             key = unknown[0]
             raise ConfigError(self.source, self.line_of(key), f"unknown key {key!r}")
 
+    def _finite(self, key: str, value: float) -> float:
+        """``value`` as a float; NaN, infinities and ints too large for a float are errors on ``key``'s line."""
+        try:
+            number = float(value)
+        except OverflowError:
+            raise self.error(key, "number too large") from None
+        if not math.isfinite(number):
+            raise self.error(key, f"must be a finite number, got {number}")
+        return number
+
     def _check(self, key: str, value: Any, kind: type[T]) -> T:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)  # type: ignore[return-value]
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return self._finite(key, value)  # type: ignore[return-value]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(key, f"expected {kind.__name__}, got {_kind(value)}")
         return value
@@ -212,4 +268,5 @@ def _kind(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 80 else shown[:77] + '...'}"

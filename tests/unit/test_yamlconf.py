@@ -99,6 +99,14 @@ def test_child_and_convert() -> None:
         ("? [1]\n: 2\n", "x.yaml:1: keys must be strings"),
         ("- 1\n- 2\n", "x.yaml:1: expected a mapping, got a list"),
         ("", "x.yaml: expected a mapping, got nothing"),
+        # What a fuzzer found raising out of the loader, each now an error on its line:
+        ("a: 1\nb: [\x01]\n", "x.yaml:2: invalid YAML: special characters are not allowed (#x0001)"),
+        ("a: 1\nb: !!int x\n", "x.yaml:2: not a valid int value"),
+        ("a: !!float\n", "x.yaml:1: not a valid float value"),
+        ("a: !!bool x\n", "x.yaml:1: not a valid bool value"),
+        ("a: 1" + "0" * 5000 + "\n", "x.yaml:1: not a valid int value"),  # over Python's int-from-text limit
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", "x.yaml: invalid YAML: nested too deeply"),
+        ("? " + "[x]" + "\n: 1\n", "x.yaml:1: keys must be strings, got a list"),
     ],
 )
 def test_bad_documents(text: str, message: str) -> None:
@@ -117,3 +125,36 @@ def test_load_reads_files_and_reports_unreadable(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read"):
         yamlconf.load(binary)
+
+
+def test_aliases_that_expand_past_the_bound_are_refused_at_load() -> None:
+    """Ten-way aliases nested eight deep: a 500-byte file that would be 10**8 values once walked or copied."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 9)]
+    with pytest.raises(ConfigError, match="over 1,000,000 values once its aliases are expanded"):
+        yamlconf.loads("\n".join(levels) + "\n", "x.yaml")
+    merged = yamlconf.loads("base: &base {a: 1}\nuse: {<<: *base, b: 2}\nagain: *base\n", "x.yaml")
+    assert merged["use"] == {"a": 1, "b": 2} and merged["again"] == {"a": 1}  # ordinary aliases still work
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (".nan", "must be a finite number, got nan"),
+        ("-.inf", "must be a finite number"),
+        ("0x" + "f" * 400, "number too large"),
+    ],
+)
+def test_numbers_must_be_finite(value: str, message: str) -> None:
+    r = Reader(yamlconf.loads(f"n: {value}\nf: {value}\n", "x.yaml"), "x.yaml")
+    with pytest.raises(ConfigError, match=f"x.yaml:1: n: {message}"):
+        r.number("n", 1.0, minimum=0)
+    with pytest.raises(ConfigError, match=f"x.yaml:2: f: {message}"):
+        r.get("f", float, 1.0)
+
+
+def test_long_values_are_shortened_in_messages() -> None:
+    r = Reader(yamlconf.loads(f"n: {'x' * 100_000}\n", "x.yaml"), "x.yaml")
+    with pytest.raises(ConfigError) as caught:
+        r.get("n", int, 0)
+    assert len(str(caught.value)) < 200 and str(caught.value).endswith("...")
