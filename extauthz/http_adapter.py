@@ -212,8 +212,10 @@ class RequestShape(NamedTuple):
 
 
 def request_shape(data: bytes, key: RequestKey, entry: RememberedRequest, pipeline: Pipeline) -> RequestShape | None:
-    """The shape of ``data`` (keyed ``key``) answered with ``entry``; None when its key keeps it whole."""
-    if key.id_start < 0:
+    """The shape of ``data`` (keyed ``key``) answered with ``entry``; None when its key keeps it whole, or when the
+    read is over ``REMEMBER_MAX_BYTES`` (blanks around the id are not in the key, so the key alone does not bound it).
+    """
+    if key.id_start < 0 or len(data) > REMEMBER_MAX_BYTES:
         return None
     return RequestShape(data[: key.id_start], data[key.id_end :], entry, pipeline)
 
@@ -317,8 +319,7 @@ class _Connection(asyncio.Protocol):
                     key = self._read_key = request_key(data)
                     if key is not None:
                         entry, request_id = pipeline.recall(key.key), key.request_id
-                        # (blanks around the id are not in the key: the read itself may be over the bound)
-                        if entry is not None and len(data) <= REMEMBER_MAX_BYTES:
+                        if entry is not None:
                             self._shape = request_shape(data, key, entry, pipeline)
                 if entry is not None and request_id is not None and transport is not None:
                     elapsed = perf_counter() - started
