@@ -14,6 +14,8 @@ def validate_path(path: Path) -> str:
     document = yamlconf.load(path)
     if isinstance(document, dict) and "domain" in document:
         return _ratelimit_summary(path)
+    if isinstance(document, dict) and "clients" in document:
+        return _api_keys_summary(path)
     from extauthz.app import build_pipeline
     from extauthz.identity.jwks import JwksRegistry
     from extauthz.pipeline import NullObserver
@@ -30,3 +32,12 @@ def _ratelimit_summary(path: Path) -> str:
     config = load_config(path)
     domains = ", ".join(sorted(config.domains)) or "none"
     return f"ratelimit config; domains: {domains}"
+
+
+def _api_keys_summary(path: Path) -> str:
+    """An API-keys file (``clients:`` at the top), checked as the policy's ``api_key.keys_file`` is."""
+    from extauthz.identity.apikey import load_api_keys
+
+    keys = list(load_api_keys(path))
+    clients = len({entry.client for entry in keys})
+    return f"api keys file; {clients} clients, {len(keys)} keys"

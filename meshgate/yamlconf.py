@@ -7,6 +7,8 @@ each key; ``Reader`` walks them strictly (unknown keys and wrong types are ``Con
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,13 +138,32 @@ def _expanded_size(value: Any, sizes: dict[int, int], open_: set[int]) -> int:
     return total
 
 
+# A Kubernetes ConfigMap holds at most 1 MiB; no real policy or descriptor file comes near this.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
 def load(path: str | Path) -> Any:
     path = Path(path)
+    return loads(read_text(path), str(path))
+
+
+def read_text(path: Path) -> str:
+    """A config file's text. Only a regular file of at most ``MAX_FILE_BYTES`` is read: a FIFO must not block the
+    reader (open is non-blocking, then refused) and /dev/zero must not fill the memory."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(str(path), 0, "cannot read: not a regular file")
+            with open(fd, "rb", closefd=False) as file:
+                data = file.read(MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(str(path), 0, f"cannot read: larger than {MAX_FILE_BYTES:,} bytes")
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), 0, f"cannot read: {error}") from None
-    return loads(text, str(path))
 
 
 class Reader:

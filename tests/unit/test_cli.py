@@ -31,6 +31,16 @@ def test_validate_bad_policy_names_file_and_line(capsys: pytest.CaptureFixture[s
     assert f"{bad}:11: algorithms: 'none' is never accepted" in err
 
 
+def test_validate_api_keys_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = FIXTURES / "api-keys.yaml"
+    assert main(["validate", str(keys)]) == 0
+    assert f"{keys}: ok (api keys file; " in capsys.readouterr().out
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("clients:\n  - client: a\n    keys:\n      - {id: k1, sha256: nothex}\n")
+    assert main(["validate", str(bad)]) == 1
+    assert f"{bad}:4: sha256: expected 64 hex digits" in capsys.readouterr().err
+
+
 def test_validate_ratelimit_file_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     descriptors = tmp_path / "config.yaml"
     descriptors.write_text("domain: shop\ndescriptors: []\n")

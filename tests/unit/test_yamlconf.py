@@ -1,3 +1,5 @@
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,37 @@ def test_load_reads_files_and_reports_unreadable(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="cannot read"):
         yamlconf.load(binary)
+
+
+def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    outcome: list[str] = []
+
+    def read() -> None:
+        try:
+            yamlconf.load(fifo)
+        except ConfigError as error:
+            outcome.append(str(error))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert outcome == [f"{fifo}: cannot read: not a regular file"]
+    device = tmp_path / "zero.yaml"
+    device.symlink_to("/dev/zero")  # endless: must not be read into memory
+    with pytest.raises(ConfigError, match="not a regular file"):
+        yamlconf.load(device)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        yamlconf.load(tmp_path)
+    big = tmp_path / "big.yaml"
+    big.write_text("a: " + "x" * 45 + "\n")  # 49 bytes
+    monkeypatch.setattr(yamlconf, "MAX_FILE_BYTES", 40)
+    with pytest.raises(ConfigError, match="cannot read: larger than 40 bytes"):
+        yamlconf.load(big)
+    monkeypatch.setattr(yamlconf, "MAX_FILE_BYTES", 50)
+    assert yamlconf.load(big) == {"a": "x" * 45}
 
 
 def test_aliases_that_expand_past_the_bound_are_refused_at_load() -> None:
