@@ -7,7 +7,10 @@ Evaluation order (identity was already established by the pipeline):
 2. public allow rules whose request match holds: allowed, ``public``;
 3. no identity: 401 with the rejected credential's reason and message, else ``missing_credential``;
 4. allow rules whose request and identity match hold (no identity block = any identity): allowed, ``allowed``;
-5. otherwise 403: ``forbidden`` when an allow rule matched the request but not the identity (its name is the
+5. otherwise, when the request presented a credential that was rejected (the identity came from a later
+   provider, e.g. the SPIFFE ID of the Istio gateway that forwarded an expired token): 401 with that
+   credential's reason, so the client learns to renew it rather than that it is forbidden;
+6. otherwise 403: ``forbidden`` when an allow rule matched the request but not the identity (its name is the
    verdict's rule, for the audit log), ``no_matching_rule`` when none matched the request.
 
 Within a kind, rules are tried in file order. Matching semantics:
@@ -263,16 +266,21 @@ class Policy:
             if request(inp, host, bare):
                 return verdict
         if identity is None:
-            if auth_error is not None:
-                return Verdict(False, 401, auth_error.reason, message=auth_error.message)
-            return _MISSING
+            return _MISSING if auth_error is None else _rejected(auth_error)
         refused: Verdict | None = None
         for request, requires, verdict, forbidden in allow:
             if request(inp, host, bare):
                 if requires is None or requires(identity):
                     return verdict
                 refused = refused or forbidden
+        if auth_error is not None:
+            return _rejected(auth_error)
         return refused or _NO_MATCH
+
+
+def _rejected(error: AuthenticationError) -> Verdict:
+    """401 for a presented credential that failed, with its reason and message."""
+    return Verdict(False, 401, error.reason, message=error.message)
 
 
 def compile_policy(config_rules: tuple[Rule, ...]) -> Policy:
