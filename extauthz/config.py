@@ -69,6 +69,9 @@ class SpiffeSettings:
     trust_domains: tuple[str, ...] = ()  # empty = any trust domain
     # HTTP mode has no peer data: read the URI SAN that Envoy forwards in x-forwarded-client-cert.
     from_xfcc: bool = True
+    # XFCC elements appended by these proxies (their own SPIFFE ID in ``By=``) are skipped: under Istio, extauthz's
+    # own sidecar appends the hop from the Envoy that asked, after the element that names the real caller.
+    xfcc_skip_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

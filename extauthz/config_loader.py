@@ -22,7 +22,7 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
             min_refetch_interval_seconds: 10
             fetch_timeout_seconds: 2
       api_key: {keys_file: keys.yaml, header: x-api-key, authorization_scheme: ApiKey}
-      spiffe: {trust_domains: [cluster.local], from_xfcc: true}
+      spiffe: {trust_domains: [cluster.local], from_xfcc: true}   # xfcc_skip_by: [spiffe://...] (see mtls.py)
     response:
       headers: {subject: x-auth-subject, kind: x-auth-kind, client: x-auth-client, roles: x-auth-roles,
                 tier: x-auth-tier, issuer: x-auth-issuer, reason: x-meshgate-reason}
@@ -375,9 +375,14 @@ def _spiffe(r: Reader) -> SpiffeSettings:
     for domain, line in domains:
         if not domain or "/" in domain or ":" in domain or domain != domain.lower():
             raise ConfigError(r.source, line, f"trust_domains: {domain!r} is not a trust domain (e.g. cluster.local)")
+    skip_by = _items(r, "xfcc_skip_by")
+    for spiffe_id, line in skip_by:
+        if not spiffe_id.startswith("spiffe://"):
+            raise ConfigError(r.source, line, f"xfcc_skip_by: {spiffe_id!r} is not a SPIFFE ID (spiffe://...)")
     settings = SpiffeSettings(
         trust_domains=tuple(domain for domain, _ in domains),
         from_xfcc=r.get("from_xfcc", bool, SpiffeSettings().from_xfcc),
+        xfcc_skip_by=tuple(spiffe_id for spiffe_id, _ in skip_by),
     )
     r.done()
     return settings

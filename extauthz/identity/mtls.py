@@ -7,6 +7,11 @@ Security: XFCC is only trustworthy when the Envoy in front of extauthz overwrite
 ``forward_client_cert_details: SANITIZE_SET`` (or ``APPEND_FORWARD`` behind proxies you trust) together with
 ``set_current_client_cert_details: {uri: true}`` on an mTLS listener. With the default ``SANITIZE`` Envoy strips
 the header, and on a listener without client certificates any client can forge it: turn ``from_xfcc`` off there.
+
+Under Istio, extauthz's own sidecar appends one more element (``By=`` extauthz's ID, ``URI=`` the workload whose
+sidecar asked) after the one that names the real caller; ``xfcc_skip_by`` lists such proxies' IDs so that their
+elements are passed over. The caller's sidecar drops XFCC on a connection without a client certificate, so a
+plaintext caller leaves only skipped elements: no SPIFFE identity.
 """
 
 from __future__ import annotations
@@ -52,22 +57,37 @@ def _unquote(value: str) -> str:
     return value
 
 
-def principal_from_xfcc(value: str) -> str:
+def principal_from_xfcc(value: str, skip_by: frozenset[str] = frozenset()) -> str:
     """The first ``spiffe://`` URI of the immediate client in an XFCC header, or "".
 
     Envoy appends one element per hop, so the immediate client (the one whose certificate the last Envoy checked)
-    is the *last* ``,``-separated element; with ``SANITIZE_SET`` it is the only one.
+    is the *last* ``,``-separated element; with ``SANITIZE_SET`` it is the only one. Trailing elements whose ``By``
+    is in ``skip_by`` are passed over (only trailing ones: earlier elements may come from the client).
     """
     if not value or len(value) > MAX_XFCC_CHARS:
         return ""
-    last = _split_top_level(value, ",")[-1]
-    for pair in _split_top_level(last, ";"):
-        key, sep, raw = pair.partition("=")
-        if sep and key.strip().lower() == "uri":
-            uri = _unquote(raw)
-            if uri.startswith(_SPIFFE):
-                return uri
+    for element in reversed(_split_top_level(value, ",")):
+        by, uri = _by_and_spiffe_uri(element)
+        if by not in skip_by:
+            return uri
     return ""
+
+
+def _by_and_spiffe_uri(element: str) -> tuple[str, str]:
+    """One XFCC element's ``By`` and its first ``spiffe://`` ``URI`` ("" when absent)."""
+    by = uri = ""
+    for pair in _split_top_level(element, ";"):
+        key, sep, raw = pair.partition("=")
+        name = key.strip().lower()
+        if not sep:
+            continue
+        if name == "by" and not by:
+            by = _unquote(raw)
+        elif name == "uri" and not uri:
+            value = _unquote(raw)
+            if value.startswith(_SPIFFE):
+                uri = value
+    return by, uri
 
 
 class SpiffeProvider:
@@ -77,6 +97,7 @@ class SpiffeProvider:
         self.settings = settings
         self._trust_domains = frozenset(settings.trust_domains)
         self.request_headers = frozenset({XFCC_HEADER}) if settings.from_xfcc else frozenset()
+        self._skip_by = frozenset(settings.xfcc_skip_by)
         self.reads_query = False
 
     async def start(self) -> None:
@@ -89,7 +110,7 @@ class SpiffeProvider:
         if inp.source_principal:
             return inp.source_principal
         if self.settings.from_xfcc:
-            return principal_from_xfcc(inp.headers.get(XFCC_HEADER, ""))
+            return principal_from_xfcc(inp.headers.get(XFCC_HEADER, ""), self._skip_by)
         return ""
 
     def authenticate(self, inp: CheckInput) -> Identity | None:

@@ -147,7 +147,7 @@ def test_normalization_of_names_methods_hosts(tmp_path: Path) -> None:
 identity:
   order: [api_key]
   api_key: {keys_file: keys/clients.yaml, header: X-API-Key, authorization_scheme: ""}
-  spiffe: {from_xfcc: false}
+  spiffe: {from_xfcc: false, xfcc_skip_by: [spiffe://cluster.local/ns/meshgate/sa/extauthz]}
   jwt: {sources: [{header: X-Token}, {query: access_token}], leeway_seconds: 5, cache_size: 0}
 response:
   headers: {subject: X-User, reason: X-Why}
@@ -173,6 +173,7 @@ rules:
     assert config.identity.api_key.header == "x-api-key"
     assert config.identity.api_key.authorization_scheme == ""
     assert not config.identity.spiffe.from_xfcc
+    assert config.identity.spiffe.xfcc_skip_by == ("spiffe://cluster.local/ns/meshgate/sa/extauthz",)
     assert config.identity.jwt.sources == (TokenSource(header="x-token"), TokenSource(query="access_token"))
     assert config.identity.jwt.leeway_s == 5.0 and config.identity.jwt.cache_size == 0
     assert config.response.subject_header == "x-user" and config.response.reason_header == "x-why"

@@ -42,6 +42,34 @@ def test_principal_from_xfcc(value: str, expected: str) -> None:
     assert principal_from_xfcc(value) == expected
 
 
+EXTAUTHZ = "spiffe://cluster.local/ns/meshgate/sa/meshgate-extauthz"
+ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # Istio, HTTP mode: orders' sidecar names the caller, then extauthz's own sidecar appends orders itself.
+        (f"{ISTIO_XFCC},By={EXTAUTHZ};Hash=f0;URI={ORDERS}", FRONTEND),
+        # A plaintext caller: orders' sidecar dropped XFCC, only extauthz's sidecar element is left.
+        (f"By={EXTAUTHZ};Hash=f0;URI={ORDERS}", ""),
+        # Only trailing elements are skipped: a client-sent one with By= extauthz must not be reached.
+        (f"By={EXTAUTHZ};URI=spiffe://evil/ns/x/sa/y,By={ORDERS};URI={FRONTEND},By={EXTAUTHZ};URI={ORDERS}", FRONTEND),
+        (f'By="{EXTAUTHZ}";URI={ORDERS}', ""),  # quoted By
+    ],
+)
+def test_principal_from_xfcc_skips_trailing_hops_of_listed_proxies(value: str, expected: str) -> None:
+    assert principal_from_xfcc(value, frozenset({EXTAUTHZ})) == expected
+    if expected:
+        assert principal_from_xfcc(value) != expected  # without the setting the last hop is taken
+
+
+async def test_xfcc_skip_by_setting_reaches_the_provider() -> None:
+    provider = SpiffeProvider(SpiffeSettings(xfcc_skip_by=(EXTAUTHZ,)))
+    identity = provider.authenticate(inp(xfcc=f"{ISTIO_XFCC},By={EXTAUTHZ};URI={ORDERS}"))
+    assert identity is not None and identity.subject == FRONTEND
+
+
 async def test_source_principal_becomes_identity() -> None:
     provider = SpiffeProvider(SpiffeSettings())
     await provider.start()
