@@ -99,3 +99,25 @@ def test_configmap_descriptors_are_a_valid_ratelimit_config(tmp_path: Path) -> N
                 found += 1
     assert found, "istio/ ships a ratelimit descriptor ConfigMap"
     assert "ratelimit config" in validate_path(tmp_path)
+
+
+def test_ratelimit_service_is_called_with_a_valid_authority() -> None:
+    """Istio's cluster names hold '|', which a gRPC server refuses as :authority (Envoy's default is the name)."""
+    calls = [
+        patch["patch"]["value"]["typed_config"]["rate_limit_service"]["grpc_service"]["envoy_grpc"]
+        for _, doc in manifests()
+        if doc["kind"] == "EnvoyFilter"
+        for patch in doc["spec"]["configPatches"]
+        if patch["applyTo"] == "HTTP_FILTER"
+    ]
+    assert calls
+    for call in calls:
+        assert "|" in call["cluster_name"] and call["authority"] and "|" not in call["authority"]
+
+
+def test_admin_ports_stay_off_the_services() -> None:
+    """The admin port serves ratelimit's POST /json (it spends quota): only probes and Prometheus, on the pod."""
+    services = [doc for _, doc in manifests() if doc["kind"] == "Service"]
+    assert services
+    for doc in services:
+        assert all("admin" not in port["name"] and port["port"] != 9090 for port in doc["spec"]["ports"])
