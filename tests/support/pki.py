@@ -50,7 +50,7 @@ class TestCA:
         self.ca_file = folder / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def _issue(self, stem: str, cn: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> CertFiles:
+    def _issue(self, stem: str, cn: str, sans: list[x509.GeneralName], *usages: x509.ObjectIdentifier) -> CertFiles:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         cert = (
@@ -63,7 +63,7 @@ class TestCA:
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
             .sign(self._key, hashes.SHA256())
         )
         files = CertFiles(self.folder / f"{stem}.pem", self.folder / f"{stem}-key.pem")
@@ -84,3 +84,11 @@ class TestCA:
         return self._issue(
             stem, "workload", [x509.UniformResourceIdentifier(spiffe_id)], ExtendedKeyUsageOID.CLIENT_AUTH
         )
+
+    def workload(self, spiffe_id: str, stem: str) -> CertFiles:
+        """An Istio-style workload cert: the SPIFFE ID as URI SAN, for serving (127.0.0.1) and for calling out."""
+        sans: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(spiffe_id),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
+        return self._issue(stem, "workload", sans, ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
