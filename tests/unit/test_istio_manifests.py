@@ -102,7 +102,7 @@ def test_configmap_descriptors_are_a_valid_ratelimit_config(tmp_path: Path) -> N
 
 
 def test_ratelimit_service_is_called_with_a_valid_authority() -> None:
-    """Istio's cluster names hold '|', which a gRPC server refuses as :authority (Envoy's default is the name)."""
+    """Istio's cluster names hold '|', not valid in :authority (Envoy's default is the cluster name)."""
     calls = [
         patch["patch"]["value"]["typed_config"]["rate_limit_service"]["grpc_service"]["envoy_grpc"]
         for _, doc in manifests()
