@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-port", type=int, help="admin HTTP port (-1 off; default 9090)")
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     serve.add_argument("--drain-seconds", type=float, help="SIGTERM grace for in-flight calls (default 5)")
-    serve.add_argument("--deadline-seconds", type=float, help="per-call budget before failing closed (default 1)")
+    serve.add_argument("--deadline-seconds", type=float, help="per-call budget, under Envoy's timeout (default 0.8)")
     serve.add_argument(
         "--backend",
         help="ratelimit counters: memory (default) or a redis://, rediss://, redis+cluster://, redis+sentinel:// or "

@@ -7,6 +7,7 @@ import string
 from pathlib import Path
 
 import pytest
+import yaml
 
 from meshgate import envoy as envoy_mod
 from meshgate.envoy import EnvoyError, config_dir, envoy_binary, render, validate_config
@@ -89,3 +90,26 @@ def test_known_templates_exist() -> None:
 def test_invalid_config_is_reported() -> None:
     with pytest.raises(EnvoyError, match="invalid Envoy config"):
         validate_config("static_resources: {listeners: [{name: x, bogus_field: 1}]}\n")
+
+
+def test_default_deadline_is_under_every_ext_authz_timeout_here(tmp_path: Path) -> None:
+    """meshgate's fail-closed answer (JSON, audit line) must beat Envoy's own timeout, which sends a bare 503."""
+    from meshgate.settings import ServeSettings
+
+    for path in sorted(config_dir().glob("extauthz-*.yaml")):
+        names = set(string.Template(path.read_text()).get_identifiers())
+        rendered = yaml.safe_load(render(path.stem, **_dummy_values(names, tmp_path)))
+        filters = [
+            f["typed_config"]
+            for listener in rendered["static_resources"]["listeners"]
+            for chain in listener["filter_chains"]
+            for hcm in chain["filters"]
+            for f in hcm["typed_config"]["http_filters"]
+            if f["name"] == "envoy.filters.http.ext_authz"
+        ]
+        assert filters, path.name
+        for config in filters:
+            service = config.get("grpc_service") or config["http_service"]["server_uri"]
+            assert ServeSettings("extauthz", Path("policy.yaml")).deadline_s < float(service["timeout"].rstrip("s")), (
+                path.name
+            )
