@@ -25,8 +25,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rates", help="fixed request rates, comma-separated (default 500,2000)")
     p.add_argument("--scenarios", help=f"comma-separated, from: {', '.join(SCENARIOS)} (default {','.join(DEFAULT)})")
     p.add_argument("--no-saturation", action="store_true", help="skip the as-fast-as-possible runs")
-    p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS_DIR}; --quick: results/tmp)")
-    p.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 500 rps: a smoke test (< 60 s)")
+    p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS_DIR}; --quick: bench/results/tmp)")
+    p.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 500 rps: a smoke test (~1.5 min)")
     p.add_argument(
         "--redis-core",
         choices=("service", "envoy"),
