@@ -32,13 +32,36 @@ def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: (REDACTED if is_secret_header(name) else value) for name, value in headers.items()}
 
 
+URL_MASK = "***"
+# Query parameters that carry credentials, beyond the header-like names (``access_token``, ``sentinel_password``).
+_SECRET_PARAMS = frozenset({"code", "key", "sig", "signature", "auth"})
+
+
 def redact_url(url: str) -> str:
-    """Drop the query string and fragment: they may carry tokens (``?access_token=``) and are never logged."""
-    for mark in ("?", "#"):
-        cut = url.find(mark)
-        if cut >= 0:
-            url = url[:cut]
-    return url
+    """``url`` safe to log; never raises. The password in its userinfo and the values of credential-looking query
+    parameters (``access_token=``, ``sentinel_password=``, ``api_key=`` ...) become ``***``; the fragment is dropped.
+    Anything that is not ``scheme://...`` but holds an ``@`` is masked whole."""
+    url = url.partition("#")[0]
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        if "@" in url:
+            return URL_MASK
+        scheme, rest = "", url
+    netloc_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:netloc_end], rest[netloc_end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at:
+        netloc = f"{userinfo.partition(':')[0]}:{URL_MASK}@{hosts}"
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        parts = []
+        for item in query.split("&"):
+            name, eq, _value = item.partition("=")
+            lowered = name.lower().replace("_", "-")
+            secret = eq and (is_secret_header(lowered) or lowered in _SECRET_PARAMS)
+            parts.append(f"{name}={URL_MASK}" if secret else item)
+        tail = f"{path}?{'&'.join(parts)}"
+    return f"{scheme}{sep}{netloc}{tail}"
 
 
 def _format_time(created: float) -> str:
@@ -58,10 +81,22 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRS and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = _safe_extra(key, value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def _safe_extra(key: str, value: Any) -> Any:
+    """Every ``extra=`` field passes the redaction here, whoever logs it: a credential-named field, a mapping of
+    headers, a URL."""
+    if is_secret_header(key):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {name: (REDACTED if is_secret_header(str(name)) else item) for name, item in value.items()}
+    if isinstance(value, str) and key.endswith(("url", "uri")):
+        return redact_url(value)
+    return value
 
 
 _HANDLER_MARK = "_meshgate_json"

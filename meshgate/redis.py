@@ -22,7 +22,7 @@ Options (query string):
     sentinel_username=U  sentinel_password=P   Sentinel only: credentials of the sentinels themselves; the userinfo
                                         credentials are those of the master and replicas
 
-Never log a URL as given: ``redacted_url()`` masks the passwords.
+Never log a URL as given: ``redact_url()`` masks the passwords.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from meshgate.log import redact_url
 from meshgate.resp import Address, RespClient, checked_timeout
 
 Kind = Literal["standalone", "cluster", "sentinel"]
@@ -54,8 +55,6 @@ _DEFAULT_PORT = {"standalone": 6379, "cluster": 6379, "sentinel": 26379}
 URL_SCHEMES = tuple(f"{scheme}://" for scheme in (*_SCHEMES, "unix"))  # every URL this module accepts starts so
 _TLS_OPTIONS = frozenset({"ca_cert", "cert", "key", "check_hostname"})
 _SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
-_SECRET_OPTIONS = frozenset({"sentinel_password"})
-_MASK = "***"
 # Idle connections are PINGed before reuse after this long, so a silently dropped one is replaced, not failed on.
 _HEALTH_CHECK_INTERVAL_S = 30
 
@@ -80,29 +79,8 @@ class RedisUrl:
     socket_path: str = ""  # unix://: the socket's absolute path (hosts is empty then)
 
 
-def redacted_url(url: str) -> str:
-    """``url`` with its passwords masked (userinfo and secret options); never raises, whatever the input."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url if "@" not in url else _MASK
-    netloc_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:netloc_end], rest[netloc_end:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at:
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:{_MASK}@{hosts}"
-    path, qmark, query = tail.partition("?")
-    if qmark:
-        parts = []
-        for item in query.split("&"):
-            name, eq, _value = item.partition("=")
-            parts.append(f"{name}={_MASK}" if eq and name in _SECRET_OPTIONS else item)
-        tail = f"{path}?{'&'.join(parts)}"
-    return f"{scheme}://{netloc}{tail}"
-
-
 def _fail(url: str, message: str) -> ValueError:
-    return ValueError(f"invalid Redis URL {redacted_url(url)!r}: {message}")
+    return ValueError(f"invalid Redis URL {redact_url(url)!r}: {message}")
 
 
 def _parse_host(url: str, text: str, default_port: int) -> tuple[str, int]:
@@ -328,7 +306,7 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
         "retry": Retry(NoBackoff(), 1),
         **_tls_kwargs(parsed),
     }
-    safe = redacted_url(url)
+    safe = redact_url(url)
     if parsed.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in parsed.hosts]
         cluster = RedisCluster(startup_nodes=nodes, **common)

@@ -24,6 +24,7 @@ import jwt
 from prometheus_client import Counter, Gauge
 
 from extauthz.config import JwtIssuer
+from meshgate.log import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +98,20 @@ def parse_jwks(document: Any, algorithms: Iterable[str], issuer: str = "") -> _K
 
 def _http_get_json(url: str, timeout_s: float) -> Any:
     if not url.startswith(("http://", "https://")):
-        raise JwksFetchError(f"unsupported URL scheme in {url!r}")
+        raise JwksFetchError(f"unsupported URL scheme in {redact_url(url)!r}")
     headers = {"Accept": "application/json", "User-Agent": "meshgate"}
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - scheme checked above
             body = answer.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as error:  # URLError, HTTPError, timeouts, refused connections
-        raise JwksFetchError(f"GET {url}: {error}") from None
+        raise JwksFetchError(f"GET {redact_url(url)}: {error}") from None
     if len(body) > MAX_DOCUMENT_BYTES:
-        raise JwksFetchError(f"GET {url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
+        raise JwksFetchError(f"GET {redact_url(url)}: document larger than {MAX_DOCUMENT_BYTES} bytes")
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
-        raise JwksFetchError(f"GET {url}: not JSON: {error}") from None
+        raise JwksFetchError(f"GET {redact_url(url)}: not JSON: {error}") from None
 
 
 class JwksCache:
@@ -212,6 +213,7 @@ class JwksCache:
         """First fetch (a failure is logged, not fatal), then background refresh. Idempotent."""
         if self._refresher is not None:
             return
+        _KEYS.labels(self.config.issuer).set(self._keys.size)  # 0 until a fetch succeeds: alerts can see it
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
         await self.refresh()
 

@@ -124,11 +124,21 @@ async def test_failed_first_fetch_is_not_fatal_and_later_refresh_recovers(server
         assert cache.key_count == 0
         assert cache.failures == 1
         assert fetches_metric(server.issuer, "error") == errors_before + 1
+        # an issuer that never answered reports 0 keys (an alert on == 0 fires), not no sample at all
+        assert REGISTRY.get_sample_value("meshgate_jwks_keys", {"issuer": server.issuer}) == 0
         server.up()
         assert await cache.refresh()
         assert cache.key_for("k1") is not None
     finally:
         await cache.close()
+
+
+async def test_fetch_errors_never_show_a_query_credential(server: JwksServer, caplog: pytest.LogCaptureFixture) -> None:
+    server.down()
+    cache = JwksCache(issuer_for(server, jwks_uri=f"{server.jwks_uri}?access_token=t0ps3cret"), FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert "access_token=***" in caplog.text and "t0ps3cret" not in caplog.text
 
 
 async def test_last_good_keys_survive_outages(server: JwksServer) -> None:

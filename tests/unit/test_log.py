@@ -47,6 +47,25 @@ def test_one_json_object_per_line_with_extra_fields(stream: io.StringIO) -> None
     assert "ValueError" in str(second["exc"])
 
 
+def test_extra_fields_pass_the_redaction_whoever_logs_them(stream: io.StringIO) -> None:
+    log = logging.getLogger("meshgate.test")
+    log.warning(
+        "upstream said no",
+        extra={
+            "authorization": "Bearer eyJ.secret",
+            "headers": {"Cookie": "sid=s3cr3t", "x-request-id": "r-1"},
+            "jwks_url": "https://idp/keys?access_token=t0ken",
+            "path": "/orders",
+        },
+    )
+    (entry,) = lines(stream)
+    assert entry["authorization"] == REDACTED
+    assert entry["headers"] == {"Cookie": REDACTED, "x-request-id": "r-1"}
+    assert entry["jwks_url"] == "https://idp/keys?access_token=***"
+    assert entry["path"] == "/orders"
+    assert not any(secret in stream.getvalue() for secret in ("eyJ.secret", "s3cr3t", "t0ken"))
+
+
 def test_configure_is_idempotent_and_sets_level(stream: io.StringIO) -> None:
     again = io.StringIO()
     handler = configure_logging("error", stream=again)
@@ -91,10 +110,23 @@ def test_redact_headers() -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("/a/b?access_token=x", "/a/b"),
-        ("https://h/p?x=1#frag", "https://h/p"),
+        ("/a/b?access_token=x", "/a/b?access_token=***"),
+        ("https://h/p?x=1&api_key=k&code=c&sig=s#frag", "https://h/p?x=1&api_key=***&code=***&sig=***"),
         ("/p#token", "/p"),
         ("/plain", "/plain"),
+        ("https://user:hunter2@idp/jwks?client_secret=s", "https://user:***@idp/jwks?client_secret=***"),
+        # Redis URLs: the one function serves them too
+        ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+        ("redis://alice:pw@h", "redis://alice:***@h"),
+        ("redis://h:1", "redis://h:1"),
+        (
+            "redis+sentinel://:p@a,b/m?sentinel_password=x&ca_cert=/c",
+            "redis+sentinel://:***@a,b/m?sentinel_password=***&ca_cert=/c",
+        ),
+        ("redis://:p@ss@h", "redis://:***@h"),  # an unencoded @ in the password: still masked
+        ("unix://:pw@/r.sock?db=1", "unix://:***@/r.sock?db=1"),
+        ("garbage:pw@h", "***"),
+        ("", ""),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
