@@ -28,7 +28,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ratelimit" / "
 DOMAINS = ("plain", "allow", "deny")
 CLIENTS = 12  # 4 per domain
 CALL_TIMEOUT_S = 3.0  # the client's own deadline: far above the service's backend deadline (100 ms)
-RECOVERY_BOUND_S = 5.0  # generous; the measured figure is printed
+RECOVERY_BOUND_S = 5.0  # how long the test waits for recovery at most
+RECOVERY_LIMIT_S = 1.0  # the issue: normal service again within a second of Redis returning (measured: ~5 ms)
 STEADY_S = 0.5  # "normal again" means this long with only normal answers
 
 OK = "ok"
@@ -145,7 +146,7 @@ async def test_redis_killed_and_restarted_under_load(redis_server: RedisServer) 
         f"\nrecovery: normal answers {recovery_s * 1000:.0f} ms after Redis accepted connections again "
         f"({restart_s * 1000:.0f} ms after the restart began)"
     )
-    assert recovery_s < RECOVERY_BOUND_S
+    assert recovery_s < RECOVERY_LIMIT_S
     after = load.between(recovered, float("inf"))
     assert after and _results(after) == {OK}, _results(after)  # every domain is back to its normal answers
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from meshgate.admin import AdminServer, build_admin_app, serve_admin
 from meshgate.runtime import Readiness, ServiceRuntime
@@ -277,6 +278,7 @@ async def test_make_backend_redis_urls_and_an_unreachable_store() -> None:
         probe = BackendProbe(backend, lambda ok: readiness.set("backend", ok), timeout_s=1.0, backend_name="redis")
         assert not await probe.check_now()  # nothing listens on port 1: not ready, no hang
         assert not readiness.ready
+        assert REGISTRY.get_sample_value("meshgate_ratelimit_backend_up", {"backend": "redis"}) == 0
     finally:
         await backend.close()
     with pytest.raises(SettingsError, match="master name"):

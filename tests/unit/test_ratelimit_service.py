@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from meshgate.yamlconf import loads
 from ratelimit import metrics
@@ -405,6 +406,36 @@ async def test_detailed_metric_labels_carry_values_and_stay_bounded() -> None:
     rules = sorted(s.rule for s in stats.series() if s.rule.startswith("shop.detailed"))
     assert rules == ["shop.detailed", "shop.detailed_a", "shop.detailed_b"]
     assert stats_of(stats, "shop.detailed")["total_hits"] == 2
+
+
+async def test_service_metrics_count_answers_backend_calls_errors_and_local_hits() -> None:
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    backend_label = {"backend": "unit-metrics"}
+    service, backend, clock, _ = make(backend_name="unit-metrics")
+    before = {
+        "requests": sample("meshgate_ratelimit_request_duration_seconds_count"),
+        "ok": sample("meshgate_ratelimit_requests_total", {"result": "ok"}),
+        "over": sample("meshgate_ratelimit_requests_total", {"result": "over_limit"}),
+        "error": sample("meshgate_ratelimit_requests_total", {"result": "backend_error"}),
+        "local": sample("meshgate_ratelimit_local_cache_hits_total"),
+    }
+    for _ in range(3):  # slow allows 3 per minute; the third leaves none, so the key is known to be over
+        await service.should_rate_limit(req(SLOW))
+    for _ in range(2):  # answered from the local over-limit cache, no backend call
+        clock.now += 1
+        await service.should_rate_limit(req(SLOW))
+    backend.fail = True
+    with pytest.raises(BackendUnavailable):
+        await service.should_rate_limit(req({"user": "u"}))
+    assert sample("meshgate_ratelimit_request_duration_seconds_count") == before["requests"] + 6
+    assert sample("meshgate_ratelimit_requests_total", {"result": "ok"}) == before["ok"] + 3
+    assert sample("meshgate_ratelimit_requests_total", {"result": "over_limit"}) == before["over"] + 2
+    assert sample("meshgate_ratelimit_requests_total", {"result": "backend_error"}) == before["error"] + 1
+    assert sample("meshgate_ratelimit_local_cache_hits_total") == before["local"] + 2
+    assert sample("meshgate_ratelimit_backend_duration_seconds_count", backend_label) == 4  # 3 + the failed one
+    assert sample("meshgate_ratelimit_backend_errors_total", backend_label) == 1
 
 
 def test_metrics_collect_exposes_envoyproxy_names() -> None:
