@@ -18,6 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     flags = {
         "service": args.service,
+        "settings": args.settings,
         "config": args.config,
         "host": args.host,
         "grpc_port": args.grpc_port,
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve one of the services")
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--config", help="policy file (extauthz) or descriptor directory (ratelimit)")
+    serve.add_argument(
+        "--settings", help="YAML file of settings (keys: the MESHGATE_* names, lower-case); flags and env win"
+    )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (0 picks a free one; default 9001)")
     serve.add_argument("--http-port", type=int, help="extauthz HTTP ext_authz port (-1 off; default 9002)")

@@ -1,6 +1,9 @@
-"""Process settings: loaded once from flags, then ``MESHGATE_*`` environment variables, then defaults.
+"""Process settings: loaded once from flags, then ``MESHGATE_*`` environment variables, then a settings file
+(``--settings`` / ``MESHGATE_SETTINGS``), then defaults.
 
-Validated at start-up; a bad value stops the process with one clear line naming the flag and its env variable.
+Validated at start-up; a bad value stops the process with one clear line naming the flag and its env variable (or
+the file and line). The file is YAML whose keys are the env names without ``MESHGATE_``, lower-case
+(``grpc_port: 9001``, ``deadline_s: 0.4``); a relative ``config`` is taken from the file's folder.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from meshgate import yamlconf
 
 SERVICES = ("extauthz", "ratelimit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -92,10 +97,15 @@ _KINDS: dict[str, type] = {
 }
 
 
+SETTINGS_FILE_ENV = "MESHGATE_SETTINGS"
+
+
 def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServeSettings:
-    """Flags (None = not given) win over ``MESHGATE_*`` env variables, which win over defaults."""
+    """Flags (None = not given) win over ``MESHGATE_*`` env variables, which win over the settings file (flag
+    ``settings`` or ``MESHGATE_SETTINGS``), which wins over defaults."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
+    settings_file = flags.get("settings") or environ.get(SETTINGS_FILE_ENV)
+    values = _file_values(Path(settings_file)) if settings_file else {}
     for name, kind in _KINDS.items():
         raw = flags.get(name)
         if raw is None:
@@ -109,6 +119,32 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
     settings = ServeSettings(**values)
     validate(settings)
     return settings
+
+
+def _file_values(path: Path) -> dict[str, Any]:
+    """The settings file's values by field name, coerced; errors name the file and line."""
+    try:
+        data = yamlconf.load(path)
+        if data is None:
+            return {}
+        reader = yamlconf.Reader(data, str(path), what="mapping of settings")
+    except yamlconf.ConfigError as error:
+        raise SettingsError(f"settings file {error}") from None
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        where = f"settings file {path}:{reader.line_of(name)}"
+        kind = _KINDS.get(name)
+        if kind is None:
+            raise SettingsError(f"{where}: unknown setting {name!r} (known: {', '.join(_KINDS)})")
+        if isinstance(raw, dict | list) or raw is None:
+            raise SettingsError(f"{where}: {name}: expected {kind.__name__}, got {raw!r}")
+        try:
+            values[name] = _coerce(name, raw, kind)
+        except SettingsError as error:
+            raise SettingsError(f"{where}: {error}") from None
+    if "config" in values and not values["config"].is_absolute():
+        values["config"] = path.parent / values["config"]
+    return values
 
 
 def validate(settings: ServeSettings) -> None:

@@ -54,6 +54,13 @@ def test_validate_ratelimit_file_and_directory(tmp_path: Path, capsys: pytest.Ca
     assert f"{bad}:4:" in capsys.readouterr().err
 
 
+def test_serve_reads_a_settings_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings_file = tmp_path / "meshgate.yaml"
+    settings_file.write_text("config: policy.yaml\ngrpc_port: nine\n")
+    assert main(["serve", "extauthz", "--settings", str(settings_file)]) == 2
+    assert f"settings file {settings_file}:2: --grpc-port / MESHGATE_GRPC_PORT" in capsys.readouterr().err
+
+
 def test_apikey_new_prints_a_key_and_its_digest(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["apikey", "new"]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -49,3 +49,47 @@ def test_ratelimit_options_parse_from_env(tmp_path: Path) -> None:
     assert settings.backend_timeout_s == 0.2
     with pytest.raises(SettingsError, match="MESHGATE_SHADOW_MODE"):
         load_settings({"service": "ratelimit", "config": str(tmp_path)}, {"MESHGATE_SHADOW_MODE": "perhaps"})
+
+
+def test_a_settings_file_sits_under_env_and_flags(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text("version: 1\n")
+    settings_file = tmp_path / "meshgate.yaml"
+    settings_file.write_text(
+        "config: policy.yaml          # relative to this file\n"
+        "grpc_port: 7100\n"
+        "admin_port: 7101\n"
+        "deadline_s: 0.4\n"
+        "shadow_mode: true\n"
+        "host: 0.0.0.0\n"
+    )
+    env = {"MESHGATE_SETTINGS": str(settings_file), "MESHGATE_ADMIN_PORT": "7201"}
+    settings = load_settings({"service": "extauthz", "host": "127.0.0.1"}, env)
+    assert settings.config == tmp_path / "policy.yaml"
+    assert settings.grpc_port == 7100 and settings.deadline_s == 0.4 and settings.shadow_mode is True  # file
+    assert settings.admin_port == 7201  # env wins over the file
+    assert settings.host == "127.0.0.1"  # a flag wins over both
+    flagged = load_settings({"service": "extauthz", "settings": str(settings_file)}, {})
+    assert flagged.grpc_port == 7100 and flagged.admin_port == 7101
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(SettingsError, match="--config / MESHGATE_CONFIG is required"):
+        load_settings({"service": "extauthz", "settings": str(tmp_path / "empty.yaml")}, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("config: p.yaml\ngrpc_prot: 1\n", ":2: unknown setting 'grpc_prot'"),
+        ("config: p.yaml\n\ngrpc_port: many\n", ":3: --grpc-port / MESHGATE_GRPC_PORT: expected int"),
+        ("grpc_port: [1, 2]\n", ":1: grpc_port: expected int"),
+        ("- a\n- b\n", "expected a mapping of settings"),
+        ("a: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_settings_files_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    settings_file = tmp_path / "meshgate.yaml"
+    settings_file.write_text(text)
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"service": "extauthz", "settings": str(settings_file)}, {})
+    assert str(settings_file) in str(caught.value) and message in str(caught.value)
+    with pytest.raises(SettingsError, match=r"cannot read: .*No such file"):
+        load_settings({"service": "extauthz", "settings": str(tmp_path / "missing.yaml")}, {})
