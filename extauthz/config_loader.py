@@ -18,7 +18,7 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
             audiences: [api]                    # required, at least one
             jwks_uri: https://idp.example.com/jwks   # one of: jwks_uri, discovery: true, secret_env, secret
             algorithms: [RS256]                 # RS/PS/ES 256-512, EdDSA, HS256-512 (HS* only with a secret)
-            refresh_interval_seconds: 300
+            refresh_interval_seconds: 300       # sooner when the key set's Cache-Control max-age says so
             min_refetch_interval_seconds: 10
             fetch_timeout_seconds: 2
       api_key: {keys_file: keys.yaml, header: x-api-key, authorization_scheme: ApiKey}

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -96,7 +97,8 @@ def parse_jwks(document: Any, algorithms: Iterable[str], issuer: str = "") -> _K
     return _KeySet(by_kid, all_keys[0] if len(all_keys) == 1 else None)
 
 
-def _http_get_json(url: str, timeout_s: float) -> Any:
+def _http_get_json(url: str, timeout_s: float) -> tuple[Any, float | None]:
+    """The JSON document at ``url`` and its ``Cache-Control: max-age`` in seconds (None when it gives none)."""
     if not url.startswith(("http://", "https://")):
         raise JwksFetchError(f"unsupported URL scheme in {redact_url(url)!r}")
     headers = {"Accept": "application/json", "User-Agent": "meshgate"}
@@ -104,14 +106,31 @@ def _http_get_json(url: str, timeout_s: float) -> Any:
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - scheme checked above
             body = answer.read(MAX_DOCUMENT_BYTES + 1)
+            max_age = max_age_of(answer.headers.get("Cache-Control", ""))
     except OSError as error:  # URLError, HTTPError, timeouts, refused connections
         raise JwksFetchError(f"GET {redact_url(url)}: {error}") from None
     if len(body) > MAX_DOCUMENT_BYTES:
         raise JwksFetchError(f"GET {redact_url(url)}: document larger than {MAX_DOCUMENT_BYTES} bytes")
     try:
-        return json.loads(body)
+        return json.loads(body), max_age
     except (ValueError, UnicodeDecodeError) as error:
         raise JwksFetchError(f"GET {redact_url(url)}: not JSON: {error}") from None
+
+
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d{1,10})\"?\s*(?:,|$)", re.IGNORECASE)
+
+
+def max_age_of(cache_control: str) -> float | None:
+    """``max-age`` of a Cache-Control value, in seconds; None without one (``no-cache``, ``no-store`` included:
+    for a key set they mean "ask again", which the normal refresh interval already does)."""
+    lowered = cache_control.lower()
+    if "no-store" in lowered or "no-cache" in lowered:
+        return None
+    match = _MAX_AGE.search(cache_control)
+    return float(match.group(1)) if match else None
+
+
+REFRESH_AT_AGE = 0.8  # refresh when this share of the key set's max-age has passed
 
 
 class JwksCache:
@@ -126,6 +145,7 @@ class JwksCache:
         self._refresher: asyncio.Task[None] | None = None
         self._last_attempt = -math.inf
         self._consecutive_failures = 0
+        self._max_age: float | None = None  # the key set's Cache-Control max-age at the last good fetch
         self.fetches = 0  # attempts, for tests and diagnostics
         self.failures = 0
         self.last_success: float | None = None  # clock() of the last good fetch
@@ -172,7 +192,7 @@ class JwksCache:
         self.fetches += 1
         label = self.config.issuer
         try:
-            uri, keys = await asyncio.to_thread(self._fetch_blocking, self._jwks_uri)
+            uri, keys, max_age = await asyncio.to_thread(self._fetch_blocking, self._jwks_uri)
         except Exception as error:
             self.failures += 1
             self._consecutive_failures += 1
@@ -183,21 +203,23 @@ class JwksCache:
             return False
         self._jwks_uri = uri
         self._keys = keys
+        self._max_age = max_age
         self._consecutive_failures = 0
         self.last_success = self._clock()
         _FETCHES.labels(label, "ok").inc()
         _KEYS.labels(label).set(keys.size)
         return True
 
-    def _fetch_blocking(self, jwks_uri: str) -> tuple[str, _KeySet]:
+    def _fetch_blocking(self, jwks_uri: str) -> tuple[str, _KeySet, float | None]:
         timeout = self.config.fetch_timeout_s
         if not jwks_uri:
             jwks_uri = self._discover(timeout)
-        return jwks_uri, parse_jwks(_http_get_json(jwks_uri, timeout), self.config.algorithms, self.config.issuer)
+        document, max_age = _http_get_json(jwks_uri, timeout)
+        return jwks_uri, parse_jwks(document, self.config.algorithms, self.config.issuer), max_age
 
     def _discover(self, timeout: float) -> str:
         issuer = self.config.issuer
-        document = _http_get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", timeout)
+        document, _ = _http_get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", timeout)
         if not isinstance(document, dict):
             raise JwksFetchError("discovery document is not a JSON object")
         # OpenID Connect Discovery 1.0 section 4.3: the document must name the issuer it was fetched for.
@@ -220,7 +242,10 @@ class JwksCache:
     def _next_delay(self) -> float:
         interval = self.config.refresh_interval_s
         if not self._consecutive_failures:
-            return interval
+            if self._max_age is None:
+                return interval
+            # Before the issuer's own expiry of the key set, and never more often than min_refetch_interval_s.
+            return max(self.config.min_refetch_interval_s, min(interval, self._max_age * REFRESH_AT_AGE))
         # Retry a failed issuer sooner than the normal interval, backing off towards it.
         base = max(self.config.min_refetch_interval_s, 0.05)
         return min(interval, base * 2.0 ** min(self._consecutive_failures - 1, 20))

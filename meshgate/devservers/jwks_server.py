@@ -50,6 +50,7 @@ class JwksServer:
         self.requests = 0
         self.fail_status = 0  # non-zero: answer every request with this status
         self.delay_s = 0.0  # answer this much later (for timeout tests)
+        self.cache_control = "max-age=300"  # what every answer says (tests of refresh timing change it)
         self.jwks_override: bytes | None = None  # serve this body instead of the key set (garbage tests)
         self.discovery_override: bytes | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -230,8 +231,8 @@ class JwksServer:
                 await asyncio.sleep(self.delay_s)
             reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
             writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: max-age=300\r\nConnection: close\r\n\r\n".encode()
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Cache-Control: {self.cache_control}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()

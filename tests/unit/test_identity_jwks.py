@@ -236,6 +236,28 @@ async def test_background_refresh_picks_up_new_keys(server: JwksServer, key2: Si
     assert server.jwks_fetches == fetches  # closed: no more fetches
 
 
+@pytest.mark.parametrize(
+    ("cache_control", "expected"),
+    [
+        ("public, max-age=100, must-revalidate", 80.0),  # at 80% of the issuer's max-age
+        ('max-age="100"', 80.0),
+        ("max-age=5", 10.0),  # never more often than min_refetch_interval_seconds
+        ("max-age=100000", 300.0),  # never less often than refresh_interval_seconds
+        ("no-cache", 300.0),
+        ("no-store, max-age=100", 300.0),
+        ("s-maxage=100", 300.0),
+        ("", 300.0),
+    ],
+)
+async def test_background_refresh_comes_before_the_key_sets_max_age(
+    server: JwksServer, cache_control: str, expected: float
+) -> None:
+    server.cache_control = cache_control
+    cache = JwksCache(issuer_for(server, refresh_interval_s=300, min_refetch_interval_s=10), FakeClock())
+    assert await cache.refresh()
+    assert cache._next_delay() == expected
+
+
 async def test_failures_retry_sooner_with_backoff(server: JwksServer) -> None:
     cache = JwksCache(issuer_for(server, refresh_interval_s=300, min_refetch_interval_s=10), FakeClock())
     assert cache._next_delay() == 300
