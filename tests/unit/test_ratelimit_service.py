@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from meshgate.yamlconf import loads
 from ratelimit import metrics
 from ratelimit.backends.base import BackendUnavailable, CounterBackend, Hit, Outcome
 from ratelimit.backends.memory import MemoryBackend
-from ratelimit.config import RateLimitConfig, build_config, parse_config
+from ratelimit.config import RateLimitConfig, build_config, load_config, parse_config
 from ratelimit.metrics import RuleStatsCollector
 from ratelimit.model import (
     Code,
@@ -479,3 +480,42 @@ descriptors:
   - key: user
     rate_limit: {unit: minute, requests_per_unit: 5}
 """
+
+
+README_EXAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "ratelimit" / "readme"
+
+
+@pytest.mark.parametrize(
+    ("example", "descriptors", "requests", "first_refused"),
+    [
+        # Example 1: 500 per second per database.
+        ("example1", [{"database": "users"}], 501, 501),
+        # Example 2: marketing messages to one number, 5 per day; a number alone, 100 per day.
+        ("example2", [{"message_type": "marketing", "to_number": "2061111111"}], 6, 6),
+        ("example2", [{"to_number": "2061111111"}], 101, 101),
+        # Example 3: a blocked address (0 per second) is refused at once; another gets 10 per second.
+        ("example3", [{"remote_address": "50.0.0.5"}], 1, 1),
+        ("example3", [{"remote_address": "50.0.0.1"}], 11, 11),
+        # Example 5: unlimited is never refused; a limited sibling is.
+        ("example5", [{"ldap": "any"}], 300, None),
+        ("example5", [{"azure": "any"}], 101, 101),
+        # Example 6: user-a is in shadow mode (never refused), user-b is enforced.
+        ("example6", [{"service": "auth-service", "user": "user-a"}], 15, None),
+        ("example6", [{"service": "auth-service", "user": "user-b"}], 21, 21),
+        # Example 7: the 10/s limit replaces specific_limit (5/s) when both descriptors come in one request.
+        ("example7", [{"key_1": "value_1", "user": "bkthomps"}], 6, 6),
+        ("example7", [{"key_1": "value_1", "user": "bkthomps"}, {"key_2": "value_2", "user": "bkthomps"}], 11, 11),
+        # Example 9: value* matches by prefix, 20 per minute.
+        ("example9", [{"key1": "value42"}], 21, 21),
+    ],
+)
+async def test_envoyproxy_readme_examples_behave_as_documented(
+    example: str, descriptors: list[dict[str, str]], requests: int, first_refused: int | None
+) -> None:
+    config = load_config(README_EXAMPLES / f"{example}.yaml")
+    (domain,) = config.domains
+    service = RateLimitService(lambda: config, MemoryBackend(), clock=Clock(), stats=RuleStatsCollector())
+    codes = [(await service.should_rate_limit(req(*descriptors, domain=domain))).code for _ in range(requests)]
+    refused = [number for number, code in enumerate(codes, 1) if code is Code.OVER_LIMIT]
+    assert (refused[0] if refused else None) == first_refused
+    assert refused == ([] if first_refused is None else list(range(first_refused, requests + 1)))
