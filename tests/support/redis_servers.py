@@ -92,6 +92,8 @@ class RedisServer:
         if self.sentinel_config is not None:
             conf = self.dir / "sentinel.conf"  # sentinel rewrites its config file: it must be writable
             lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", *self.sentinel_config]
+            if self.password is not None:
+                lines.append(f"requirepass {self.password}")  # the sentinel's own password
             conf.write_text("\n".join(lines) + "\n")
             return [REDIS_SERVER, str(conf), "--sentinel"]
         cmd = [REDIS_SERVER, "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "", "--appendonly", "no"]
@@ -274,8 +276,16 @@ class RedisSentinel:
 
     MASTER_NAME = "mymaster"
 
-    def __init__(self, sentinels: int = 1, *, password: str | None = None, down_after_ms: int = 1000) -> None:
-        self.password = password
+    def __init__(
+        self,
+        sentinels: int = 1,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.password = password  # the master's and replica's
+        self.sentinel_password = sentinel_password  # the sentinels' own (URL option sentinel_password)
         # no diskless-sync delay (5 s by default): the replica syncs at once
         self.master = RedisServer(
             name="redis-master", password=password, extra_args=["--repl-diskless-sync-delay", "0"]
@@ -292,7 +302,10 @@ class RedisSentinel:
         ]
         if password is not None:
             lines.append(f"sentinel auth-pass {self.MASTER_NAME} {password}")
-        self.sentinels = [RedisServer(name=f"redis-sentinel{i}", sentinel_config=lines) for i in range(sentinels)]
+        self.sentinels = [
+            RedisServer(name=f"redis-sentinel{i}", password=sentinel_password, sentinel_config=lines)
+            for i in range(sentinels)
+        ]
 
     def start(self) -> RedisSentinel:
         try:
@@ -330,7 +343,8 @@ class RedisSentinel:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password is not None else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{auth}{hosts}/{self.MASTER_NAME}"
+        options = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password is not None else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.MASTER_NAME}{options}"
 
     def __enter__(self) -> RedisSentinel:
         return self.start()

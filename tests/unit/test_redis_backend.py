@@ -338,6 +338,30 @@ async def test_sentinel_backend_counts(redis_sentinel: object) -> None:  # noqa:
         await backend.close()
 
 
+async def test_sentinel_with_passwords_on_the_master_and_on_the_sentinels() -> None:
+    """Real servers: the master and replica require one password, the sentinels another (sentinel_password=)."""
+    with RedisSentinel(password="m4ster-pw", sentinel_password="s3ntinel-pw") as sentinels:
+        backend = RedisBackend.from_url(sentinels.url, timeout_s=TIMEOUT_S)
+        try:
+            key = _key()
+            assert [(await backend.hit([_hit(key, 2)], NOW))[0].over for _ in range(3)] == [False, False, True]
+            assert await backend.ping()
+        finally:
+            await backend.close()
+        for wrong in (
+            sentinels.url.replace("?sentinel_password=s3ntinel-pw", ""),  # the sentinels refuse to name the master
+            sentinels.url.replace(":m4ster-pw@", ":wrong@"),  # the master refuses the client
+        ):
+            refused = RedisBackend.from_url(wrong, timeout_s=TIMEOUT_S)
+            try:
+                with pytest.raises(BackendUnavailable) as caught:
+                    await refused.hit([_hit(_key(), 2)], NOW)
+                assert "m4ster-pw" not in str(caught.value) and "s3ntinel-pw" not in str(caught.value)
+                assert not await refused.ping()
+            finally:
+                await refused.close()
+
+
 async def test_sentinel_failover_is_followed() -> None:
     """After a failover the old master is a replica (READONLY) or gone: the lean client asks Sentinel again."""
     with RedisSentinel() as sentinels:
