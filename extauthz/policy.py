@@ -7,9 +7,10 @@ Evaluation order (identity was already established by the pipeline):
 2. public allow rules whose request match holds: allowed, ``public``;
 3. no identity: 401 with the rejected credential's reason and message, else ``missing_credential``;
 4. allow rules whose request and identity match hold (no identity block = any identity): allowed, ``allowed``;
-5. otherwise, when the request presented a credential that was rejected (the identity came from a later
-   provider, e.g. the SPIFFE ID of the Istio gateway that forwarded an expired token): 401 with that
-   credential's reason, so the client learns to renew it rather than that it is forbidden;
+5. otherwise, when the identity is the peer's SPIFFE ID and the request also presented a credential that was
+   rejected (e.g. the Istio gateway's ID on a request carrying an expired token): 401 with that credential's
+   reason, so the client learns to renew it rather than that the hop is forbidden. A caller who authenticated
+   with a credential of its own is answered for that identity (403), whatever else it sent;
 6. otherwise 403: ``forbidden`` when an allow rule matched the request but not the identity (its name is the
    verdict's rule, for the audit log), ``no_matching_rule`` when none matched the request.
 
@@ -273,7 +274,7 @@ class Policy:
                 if requires is None or requires(identity):
                     return verdict
                 refused = refused or forbidden
-        if auth_error is not None:
+        if auth_error is not None and identity.kind is IdentityKind.SPIFFE:
             return _rejected(auth_error)
         return refused or _NO_MATCH
 

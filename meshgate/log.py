@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -39,20 +40,17 @@ _SECRET_PARAMS = frozenset({"code", "key", "sig", "signature", "auth"})
 
 def redact_url(url: str) -> str:
     """``url`` safe to log; never raises. The password in its userinfo and the values of credential-looking query
-    parameters (``access_token=``, ``sentinel_password=``, ``api_key=`` ...) become ``***``; the fragment is dropped.
-    Anything that is not ``scheme://...`` but holds an ``@`` is masked whole."""
-    url = url.partition("#")[0]
+    parameters (``access_token=``, ``sentinel_password=``, ``api_key=`` ...) become ``***``; the fragment is
+    dropped. When in doubt (an ``@`` in a path) it masks more, never less."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
-        if "@" in url:
-            return URL_MASK
-        scheme, rest = "", url
-    netloc_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:netloc_end], rest[netloc_end:]
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at:
-        netloc = f"{userinfo.partition(':')[0]}:{URL_MASK}@{hosts}"
-    path, qmark, query = tail.partition("?")
+    if not sep or any(mark in scheme for mark in "/?#@"):  # no scheme (a path; "://" in a query is no scheme)
+        scheme, sep, rest = "", "", url
+    query_at = rest.find("?")
+    at = rest.rfind("@", 0, query_at if query_at >= 0 else len(rest))  # the last @ before any query: userinfo
+    if at >= 0 and (sep or "/" not in rest[:at]):
+        rest = f"{rest[:at].partition(':')[0]}:{URL_MASK}@{rest[at + 1 :]}"
+    rest = rest.partition("#")[0]
+    base, qmark, query = rest.partition("?")
     if qmark:
         parts = []
         for item in query.split("&"):
@@ -60,8 +58,8 @@ def redact_url(url: str) -> str:
             lowered = name.lower().replace("_", "-")
             secret = eq and (is_secret_header(lowered) or lowered in _SECRET_PARAMS)
             parts.append(f"{name}={URL_MASK}" if secret else item)
-        tail = f"{path}?{'&'.join(parts)}"
-    return f"{scheme}{sep}{netloc}{tail}"
+        rest = f"{base}?{'&'.join(parts)}"
+    return f"{scheme}{sep}{rest}"
 
 
 def _format_time(created: float) -> str:
@@ -87,16 +85,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
+_PLAIN, _SECRET, _URL = 0, 1, 2
+_SCALARS = (str, int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_kind(key: str) -> int:
+    """How an ``extra=`` field is redacted, by its name (snake_case names count as their header spelling)."""
+    if is_secret_header(key.replace("_", "-")):
+        return _SECRET
+    return _URL if key.endswith(("url", "uri")) else _PLAIN
+
+
 def _safe_extra(key: str, value: Any) -> Any:
     """Every ``extra=`` field passes the redaction here, whoever logs it: a credential-named field, a mapping of
-    headers, a URL."""
-    if is_secret_header(key):
-        return REDACTED
-    if isinstance(value, Mapping):
+    headers, a URL. Plain scalars (all of an audit line) take the first test only."""
+    kind = _field_kind(key)
+    if kind == _PLAIN:
+        if type(value) in _SCALARS or not isinstance(value, Mapping):
+            return value
         return {name: (REDACTED if is_secret_header(str(name)) else item) for name, item in value.items()}
-    if isinstance(value, str) and key.endswith(("url", "uri")):
-        return redact_url(value)
-    return value
+    if kind == _SECRET:
+        return REDACTED
+    return redact_url(value) if isinstance(value, str) else value
 
 
 _HANDLER_MARK = "_meshgate_json"

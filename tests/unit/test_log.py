@@ -53,6 +53,7 @@ def test_extra_fields_pass_the_redaction_whoever_logs_them(stream: io.StringIO) 
         "upstream said no",
         extra={
             "authorization": "Bearer eyJ.secret",
+            "x_api_key": "mgk_live_k3y",
             "headers": {"Cookie": "sid=s3cr3t", "x-request-id": "r-1"},
             "jwks_url": "https://idp/keys?access_token=t0ken",
             "path": "/orders",
@@ -60,10 +61,11 @@ def test_extra_fields_pass_the_redaction_whoever_logs_them(stream: io.StringIO) 
     )
     (entry,) = lines(stream)
     assert entry["authorization"] == REDACTED
+    assert entry["x_api_key"] == REDACTED  # snake_case names count as their header spelling
     assert entry["headers"] == {"Cookie": REDACTED, "x-request-id": "r-1"}
     assert entry["jwks_url"] == "https://idp/keys?access_token=***"
     assert entry["path"] == "/orders"
-    assert not any(secret in stream.getvalue() for secret in ("eyJ.secret", "s3cr3t", "t0ken"))
+    assert not any(secret in stream.getvalue() for secret in ("eyJ.secret", "s3cr3t", "t0ken", "mgk_live_k3y"))
 
 
 def test_configure_is_idempotent_and_sets_level(stream: io.StringIO) -> None:
@@ -125,8 +127,14 @@ def test_redact_headers() -> None:
         ),
         ("redis://:p@ss@h", "redis://:***@h"),  # an unencoded @ in the password: still masked
         ("unix://:pw@/r.sock?db=1", "unix://:***@/r.sock?db=1"),
-        ("garbage:pw@h", "***"),
+        ("garbage:pw@h", "garbage:***@h"),
         ("", ""),
+        # "://" in a query is no scheme; a # in a password is not a fragment
+        ("/login?access_token=abc&next=https://x", "/login?access_token=***&next=https://x"),
+        ("redis://:pa#ss@h/0", "redis://:***@h/0"),
+        ("https://h/users/@me?token=t", "https://h/users/:***@me?token=***"),  # an @ in a path: masks more
+        ("/users/@me", "/users/@me"),
+        ("https://[::1]:8443/jwks?api-key=k", "https://[::1]:8443/jwks?api-key=***"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

@@ -125,12 +125,15 @@ CASES: list[tuple[str, CheckInput, Identity | None, AuthenticationError | None, 
     ("missing", req("/orders"), None, None, 401, Reason.MISSING_CREDENTIAL, ""),
     ("rejected", req("/orders"), None, EXPIRED, 401, Reason.TOKEN_EXPIRED, ""),
     ("rejected-no-rule", req("/nowhere"), None, EXPIRED, 401, Reason.TOKEN_EXPIRED, ""),
-    # a rejected credential, then a later provider's identity (e.g. the gateway's SPIFFE ID under Istio): allowed
-    # only when that identity is; else 401 for the credential, not 403 for the fallback
+    # a rejected credential, then the peer's SPIFFE ID (e.g. the gateway's under Istio): allowed only when that
+    # identity is; else 401 for the credential, not 403 for the hop
     ("rejected-then-allowed", req("/mesh/x"), PROD_SA, EXPIRED, 200, Reason.ALLOWED, "mesh"),
     ("rejected-then-forbidden", req("/mesh/x"), OPS_OTHER, EXPIRED, 401, Reason.TOKEN_EXPIRED, ""),
     ("rejected-then-no-rule", req("/nowhere"), PROD_SA, EXPIRED, 401, Reason.TOKEN_EXPIRED, ""),
     ("rejected-then-denied", req("/internal/x"), PROD_SA, EXPIRED, 403, Reason.DENIED_BY_RULE, "deny-internal"),
+    # ... but a caller that authenticated with a credential of its own is answered for that identity
+    ("rejected-then-api-key", req("/admin/x"), ACME, EXPIRED, 403, Reason.FORBIDDEN, "admin"),
+    ("rejected-then-jwt-no-rule", req("/nowhere"), ALICE, EXPIRED, 403, Reason.NO_MATCHING_RULE, ""),
     # allow rules: identity conditions
     ("roles-any", req("/admin/x"), ADMIN, None, 200, Reason.ALLOWED, "admin"),
     ("roles-any-missing", req("/admin/x"), ALICE, None, 403, Reason.FORBIDDEN, "admin"),
