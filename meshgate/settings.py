@@ -105,24 +105,27 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
     ``settings`` or ``MESHGATE_SETTINGS``), which wins over defaults."""
     environ = os.environ if environ is None else environ
     settings_file = flags.get("settings") or environ.get(SETTINGS_FILE_ENV)
-    values = _file_values(Path(settings_file)) if settings_file else {}
+    from_file = _file_values(Path(settings_file)) if settings_file else {}
+    values = {name: value for name, (value, _) in from_file.items()}
     for name, kind in _KINDS.items():
         raw = flags.get(name)
         if raw is None:
             raw = environ.get(env_name(name))
         if raw is not None:
             values[name] = _coerce(name, raw, kind)
+            from_file.pop(name, None)
     if "service" not in values:
         raise SettingsError("a service is required: extauthz or ratelimit")
     if "config" not in values:
         raise SettingsError(f"--config / {env_name('config')} is required")
     settings = ServeSettings(**values)
-    validate(settings)
+    validate(settings, {name: where for name, (_, where) in from_file.items()})
     return settings
 
 
-def _file_values(path: Path) -> dict[str, Any]:
-    """The settings file's values by field name, coerced; errors name the file and line."""
+def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
+    """The settings file's values by field name, coerced, each with where it stands ("settings file F:LINE");
+    errors name the file and line."""
     try:
         data = yamlconf.load(path)
         if data is None:
@@ -130,42 +133,55 @@ def _file_values(path: Path) -> dict[str, Any]:
         reader = yamlconf.Reader(data, str(path), what="mapping of settings")
     except yamlconf.ConfigError as error:
         raise SettingsError(f"settings file {error}") from None
-    values: dict[str, Any] = {}
+    values: dict[str, tuple[Any, str]] = {}
     for name, raw in data.items():
         where = f"settings file {path}:{reader.line_of(name)}"
         kind = _KINDS.get(name)
         if kind is None:
             raise SettingsError(f"{where}: unknown setting {name!r} (known: {', '.join(_KINDS)})")
-        if isinstance(raw, dict | list) or raw is None:
+        if kind is not bool and isinstance(raw, bool) and kind is not str:
             raise SettingsError(f"{where}: {name}: expected {kind.__name__}, got {raw!r}")
+        if isinstance(raw, dict | list) or raw is None or (kind is int and isinstance(raw, float)):
+            raise SettingsError(f"{where}: {name}: expected {kind.__name__}, got {raw!r}")
+        if kind is str and isinstance(raw, bool):
+            raw = "on" if raw else "off"  # YAML 1.1 reads a bare off/on as a bool: ratelimit_headers: off
         try:
-            values[name] = _coerce(name, raw, kind)
+            value = _coerce(name, raw, kind)
         except SettingsError as error:
             raise SettingsError(f"{where}: {error}") from None
-    if "config" in values and not values["config"].is_absolute():
-        values["config"] = path.parent / values["config"]
+        if name == "config" and not value.is_absolute():
+            value = path.parent / value
+        values[name] = (value, where)
     return values
 
 
-def validate(settings: ServeSettings) -> None:
-    if settings.service not in SERVICES:
-        raise SettingsError(f"unknown service {settings.service!r}; expected one of {', '.join(SERVICES)}")
-    for name in ("grpc_port", "http_port", "admin_port"):
-        port = getattr(settings, name)
-        lowest = 0 if name == "grpc_port" else -1
-        if not lowest <= port <= 65535:
-            raise SettingsError(f"--{name.replace('_', '-')} / {env_name(name)}: {port} is not a port")
-    if settings.log_level not in LOG_LEVELS:
-        raise SettingsError(f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
-    for name in ("drain_s", "deadline_s", "reload_interval_s", "backend_timeout_s"):
-        if getattr(settings, name) <= 0:
-            raise SettingsError(f"{env_name(name)}: must be positive")
-    if settings.ratelimit_headers not in RATELIMIT_HEADER_MODES:
-        raise SettingsError(
-            f"--ratelimit-headers / {env_name('ratelimit_headers')}: expected one of "
-            f"{', '.join(RATELIMIT_HEADER_MODES)}, got {settings.ratelimit_headers!r}"
-        )
-    if not 0 < settings.near_limit_ratio <= 1:
-        raise SettingsError(f"{env_name('near_limit_ratio')}: must be in (0, 1]")
-    if not settings.config.exists():
-        raise SettingsError(f"--config: {settings.config} does not exist")
+_POSITIVE = ("drain_s", "deadline_s", "reload_interval_s", "backend_timeout_s")
+
+
+def _problem(name: str, value: Any) -> str | None:
+    """What is wrong with one setting's value (None: nothing), naming its flag and environment variable."""
+    flag = f"--{name.replace('_', '-')} / {env_name(name)}"
+    if name == "service" and value not in SERVICES:
+        return f"unknown service {value!r}; expected one of {', '.join(SERVICES)}"
+    if name in ("grpc_port", "http_port", "admin_port") and not (0 if name == "grpc_port" else -1) <= value <= 65535:
+        return f"{flag}: {value} is not a port"
+    if name == "log_level" and value not in LOG_LEVELS:
+        return f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}"
+    if name in _POSITIVE and not value > 0:
+        return f"{env_name(name)}: must be positive"
+    if name == "ratelimit_headers" and value not in RATELIMIT_HEADER_MODES:
+        return f"{flag}: expected one of {', '.join(RATELIMIT_HEADER_MODES)}, got {value!r}"
+    if name == "near_limit_ratio" and not 0 < value <= 1:
+        return f"{env_name(name)}: must be in (0, 1]"
+    if name == "config" and not value.exists():
+        return f"--config: {value} does not exist"
+    return None
+
+
+def validate(settings: ServeSettings, file_lines: Mapping[str, str] | None = None) -> None:
+    """SettingsError for the first bad value; one taken from the settings file is named by its file and line."""
+    for field in fields(settings):
+        problem = _problem(field.name, getattr(settings, field.name))
+        if problem is not None:
+            where = (file_lines or {}).get(field.name)
+            raise SettingsError(f"{where}: {problem}" if where else problem)

@@ -70,6 +70,10 @@ def test_a_settings_file_sits_under_env_and_flags(tmp_path: Path) -> None:
     assert settings.host == "127.0.0.1"  # a flag wins over both
     flagged = load_settings({"service": "extauthz", "settings": str(settings_file)}, {})
     assert flagged.grpc_port == 7100 and flagged.admin_port == 7101
+    # YAML reads a bare off as false: a choice setting takes it as the word it was
+    settings_file.write_text("config: policy.yaml\nratelimit_headers: off\ngrpc_port: 70000\n")
+    quiet = load_settings({"service": "ratelimit", "settings": str(settings_file), "grpc_port": 9001}, {})
+    assert quiet.ratelimit_headers == "off" and quiet.grpc_port == 9001  # a flag replaces the file's bad port
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(SettingsError, match="--config / MESHGATE_CONFIG is required"):
         load_settings({"service": "extauthz", "settings": str(tmp_path / "empty.yaml")}, {})
@@ -78,9 +82,15 @@ def test_a_settings_file_sits_under_env_and_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("config: p.yaml\ngrpc_prot: 1\n", ":2: unknown setting 'grpc_prot'"),
-        ("config: p.yaml\n\ngrpc_port: many\n", ":3: --grpc-port / MESHGATE_GRPC_PORT: expected int"),
+        ("config: /\ngrpc_prot: 1\n", ":2: unknown setting 'grpc_prot'"),
+        ("config: /\n\ngrpc_port: many\n", ":3: --grpc-port / MESHGATE_GRPC_PORT: expected int"),
         ("grpc_port: [1, 2]\n", ":1: grpc_port: expected int"),
+        ("grpc_port: true\n", ":1: grpc_port: expected int, got True"),
+        ("grpc_port: 9001.9\n", ":1: grpc_port: expected int, got 9001.9"),
+        ("deadline_s: yes\n", ":1: deadline_s: expected float, got True"),
+        ("config: p.yaml\ngrpc_port: 70000\n", ":1: --config: "),  # relative to the file, which lacks it
+        ("config: /\n\nadmin_port: 70000\n", ":3: --admin-port / MESHGATE_ADMIN_PORT: 70000 is not a port"),
+        ("config: /\nratelimit_headers: sometimes\n", ":2: --ratelimit-headers / MESHGATE_RATELIMIT_HEADERS"),
         ("- a\n- b\n", "expected a mapping of settings"),
         ("a: [\n", "invalid YAML"),
     ],
