@@ -81,6 +81,7 @@ from extauthz.config import (
     SpiffeSettings,
     TokenSource,
 )
+from extauthz.identity.mtls import is_spiffe_id
 from extauthz.model import IdentityKind
 from meshgate.yamlconf import ConfigError, Reader, load, loads
 
@@ -377,8 +378,9 @@ def _spiffe(r: Reader) -> SpiffeSettings:
             raise ConfigError(r.source, line, f"trust_domains: {domain!r} is not a trust domain (e.g. cluster.local)")
     skip_by = _items(r, "xfcc_skip_by")
     for spiffe_id, line in skip_by:
-        if not spiffe_id.startswith("spiffe://"):
-            raise ConfigError(r.source, line, f"xfcc_skip_by: {spiffe_id!r} is not a SPIFFE ID (spiffe://...)")
+        if not is_spiffe_id(spiffe_id):
+            message = f"xfcc_skip_by: {spiffe_id!r} is not a SPIFFE ID (spiffe://<lower-case domain>/<path>)"
+            raise ConfigError(r.source, line, message)
     settings = SpiffeSettings(
         trust_domains=tuple(domain for domain, _ in domains),
         from_xfcc=r.get("from_xfcc", bool, SpiffeSettings().from_xfcc),

@@ -37,7 +37,9 @@ class ServeSettings:
     admin_port: int = 9090  # -1 turns it off
     log_level: str = "info"
     drain_s: float = 5.0  # after SIGTERM: not-ready first, then at most this long for in-flight calls
-    deadline_s: float = 0.8  # per-call budget before failing closed; under Envoy's timeout (1 s in envoy/*.yaml)
+    # per-call budget before failing closed: under ext_authz's timeout (1 s in envoy/*.yaml); for ratelimit only a
+    # guard against a stuck call (its Redis deadline is backend_timeout_s, under the filter's 0.25 s)
+    deadline_s: float = 0.8
     reload_interval_s: float = 1.0  # how often config files are checked for changes
     backend: str = "memory"  # ratelimit counters: memory | redis:// | rediss:// | redis+cluster:// | redis+sentinel://
     backend_timeout_s: float = 0.1  # ratelimit: per backend call; past it the store counts as unavailable

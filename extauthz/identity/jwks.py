@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -106,7 +105,7 @@ def _http_get_json(url: str, timeout_s: float) -> tuple[Any, float | None]:
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - scheme checked above
             body = answer.read(MAX_DOCUMENT_BYTES + 1)
-            max_age = max_age_of(answer.headers.get("Cache-Control", ""))
+            max_age = max_age_of(answer.headers.get("Cache-Control", ""), answer.headers.get("Age", ""))
     except OSError as error:  # URLError, HTTPError, timeouts, refused connections
         raise JwksFetchError(f"GET {redact_url(url)}: {error}") from None
     if len(body) > MAX_DOCUMENT_BYTES:
@@ -117,20 +116,26 @@ def _http_get_json(url: str, timeout_s: float) -> tuple[Any, float | None]:
         raise JwksFetchError(f"GET {redact_url(url)}: not JSON: {error}") from None
 
 
-_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d{1,10})\"?\s*(?:,|$)", re.IGNORECASE)
-
-
-def max_age_of(cache_control: str) -> float | None:
-    """``max-age`` of a Cache-Control value, in seconds; None without one (``no-cache``, ``no-store`` included:
-    for a key set they mean "ask again", which the normal refresh interval already does)."""
-    lowered = cache_control.lower()
-    if "no-store" in lowered or "no-cache" in lowered:
+def max_age_of(cache_control: str, age: str = "") -> float | None:
+    """Seconds the response stays fresh: Cache-Control ``max-age`` minus the ``Age`` header. None without a usable
+    max-age, and for ``no-cache``/``no-store`` or a fresh time of 0 (for a key set those mean "ask again", which
+    the normal refresh interval already does)."""
+    directives: dict[str, str] = {}
+    for directive in cache_control.split(","):
+        name, _, value = directive.partition("=")
+        directives.setdefault(name.strip().lower(), value.strip().strip('"'))
+    if "no-cache" in directives or "no-store" in directives:
         return None
-    match = _MAX_AGE.search(cache_control)
-    return float(match.group(1)) if match else None
+    max_age = directives.get("max-age", "")
+    if not max_age.isdigit() or len(max_age) > 10:
+        return None
+    served_for = float(age) if age.strip().isdigit() and len(age.strip()) <= 10 else 0.0
+    fresh = float(max_age) - served_for
+    return fresh if fresh > 0 else None
 
 
 REFRESH_AT_AGE = 0.8  # refresh when this share of the key set's max-age has passed
+MIN_REFRESH_S = 1.0  # a max-age-driven refresh never comes sooner than this after the last one
 
 
 class JwksCache:
@@ -244,8 +249,10 @@ class JwksCache:
         if not self._consecutive_failures:
             if self._max_age is None:
                 return interval
-            # Before the issuer's own expiry of the key set, and never more often than min_refetch_interval_s.
-            return max(self.config.min_refetch_interval_s, min(interval, self._max_age * REFRESH_AT_AGE))
+            # Before the issuer's own expiry of the key set; never more often than min_refetch_interval_s (nor
+            # than MIN_REFRESH_S, as that may be 0).
+            floor = max(self.config.min_refetch_interval_s, MIN_REFRESH_S)
+            return max(floor, min(interval, self._max_age * REFRESH_AT_AGE))
         # Retry a failed issuer sooner than the normal interval, backing off towards it.
         base = max(self.config.min_refetch_interval_s, 0.05)
         return min(interval, base * 2.0 ** min(self._consecutive_failures - 1, 20))

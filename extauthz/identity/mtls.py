@@ -90,6 +90,11 @@ def _by_and_spiffe_uri(element: str) -> tuple[str, str]:
     return by, uri
 
 
+def is_spiffe_id(value: str) -> bool:
+    """A well-formed SPIFFE ID (lower-case trust domain, non-empty path segments), as Envoy writes one."""
+    return _SPIFFE_ID.fullmatch(value) is not None
+
+
 class SpiffeProvider:
     kind = IdentityKind.SPIFFE
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from extauthz.config import JwtIssuer
-from extauthz.identity.jwks import JwksCache, JwksFetchError, JwksRegistry, parse_jwks
+from extauthz.identity.jwks import JwksCache, JwksFetchError, JwksRegistry, max_age_of, parse_jwks
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.signing import SigningKey, generate_ec_key, generate_rsa_key, public_jwk
 
@@ -246,6 +246,10 @@ async def test_background_refresh_picks_up_new_keys(server: JwksServer, key2: Si
         ("no-cache", 300.0),
         ("no-store, max-age=100", 300.0),
         ("s-maxage=100", 300.0),
+        ("x-no-cache-ext=1, max-age=100", 80.0),  # directives are matched whole
+        ("max-age=0", 300.0),  # nothing fresh: the normal interval, not a busy loop
+        ("max-age=-5", 300.0),
+        ("max-age=99999999999999999999", 300.0),
         ("", 300.0),
     ],
 )
@@ -256,6 +260,19 @@ async def test_background_refresh_comes_before_the_key_sets_max_age(
     cache = JwksCache(issuer_for(server, refresh_interval_s=300, min_refetch_interval_s=10), FakeClock())
     assert await cache.refresh()
     assert cache._next_delay() == expected
+
+
+def test_max_age_counts_the_time_a_cache_already_served_it() -> None:
+    assert max_age_of("max-age=100", "30") == 70.0
+    assert max_age_of("max-age=100", "100") is None
+    assert max_age_of("max-age=100", "junk") == 100.0
+
+
+async def test_a_max_age_refresh_is_never_back_to_back(server: JwksServer) -> None:
+    server.cache_control = "max-age=1"
+    cache = JwksCache(issuer_for(server, refresh_interval_s=300, min_refetch_interval_s=0), FakeClock())
+    assert await cache.refresh()
+    assert cache._next_delay() == 1.0  # min_refetch_interval_seconds 0 must not make the loop spin
 
 
 async def test_failures_retry_sooner_with_backoff(server: JwksServer) -> None:

@@ -1,12 +1,16 @@
 """SPIFFE identity from Envoy's source.principal or from x-forwarded-client-cert."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extauthz.config import SpiffeSettings
+from extauthz.config_loader import load_config
 from extauthz.identity.mtls import SpiffeProvider, principal_from_xfcc
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
+from meshgate.yamlconf import ConfigError
 
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
 # What an Istio sidecar forwards (SANITIZE_SET): one element, the server's own ID in By=, the client's in URI=.
@@ -142,3 +146,15 @@ def test_fuzz(xfcc: str, principal: str) -> None:
             reason = None
         assert reason in (None, Reason.INVALID_PRINCIPAL)
         assert result is None or result.kind is IdentityKind.SPIFFE
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["spiffe://", "spiffe://Cluster.local/ns/a/sa/b", "spiffe://cluster.local/ns/a/sa/b/", "https://x/y", ""],
+)
+def test_xfcc_skip_by_needs_a_well_formed_spiffe_id(value: str, tmp_path: Path) -> None:
+    """An ID Envoy would never write in By= would silently skip nothing: refused at load."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"identity:\n  spiffe:\n    xfcc_skip_by: [{value!r}]\n")
+    with pytest.raises(ConfigError, match="is not a SPIFFE ID"):
+        load_config(policy)

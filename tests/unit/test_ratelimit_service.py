@@ -421,6 +421,8 @@ async def test_service_metrics_count_answers_backend_calls_errors_and_local_hits
         "over": sample("meshgate_ratelimit_requests_total", {"result": "over_limit"}),
         "error": sample("meshgate_ratelimit_requests_total", {"result": "backend_error"}),
         "local": sample("meshgate_ratelimit_local_cache_hits_total"),
+        "backend": sample("meshgate_ratelimit_backend_duration_seconds_count", backend_label),
+        "backend_errors": sample("meshgate_ratelimit_backend_errors_total", backend_label),
     }
     for _ in range(3):  # slow allows 3 per minute; the third leaves none, so the key is known to be over
         await service.should_rate_limit(req(SLOW))
@@ -435,8 +437,8 @@ async def test_service_metrics_count_answers_backend_calls_errors_and_local_hits
     assert sample("meshgate_ratelimit_requests_total", {"result": "over_limit"}) == before["over"] + 2
     assert sample("meshgate_ratelimit_requests_total", {"result": "backend_error"}) == before["error"] + 1
     assert sample("meshgate_ratelimit_local_cache_hits_total") == before["local"] + 2
-    assert sample("meshgate_ratelimit_backend_duration_seconds_count", backend_label) == 4  # 3 + the failed one
-    assert sample("meshgate_ratelimit_backend_errors_total", backend_label) == 1
+    assert sample("meshgate_ratelimit_backend_duration_seconds_count", backend_label) == before["backend"] + 4
+    assert sample("meshgate_ratelimit_backend_errors_total", backend_label) == before["backend_errors"] + 1
 
 
 def test_metrics_collect_exposes_envoyproxy_names() -> None:
