@@ -26,7 +26,20 @@ from starlette.requests import ClientDisconnect
 from meshgate.periodic import Periodic
 from ratelimit import metrics
 from ratelimit.backends.base import CounterBackend
-from ratelimit.model import MAX_DESCRIPTORS, MAX_ENTRIES, Code, Descriptor, Entry, Limit, RateLimitRequest, Unit
+from ratelimit.model import (
+    MAX_DESCRIPTORS,
+    MAX_DOMAIN_CHARS,
+    MAX_ENTRIES,
+    MAX_HITS_ADDEND,
+    MAX_KEY_CHARS,
+    MAX_VALUE_CHARS,
+    Code,
+    Descriptor,
+    Entry,
+    Limit,
+    RateLimitRequest,
+    Unit,
+)
 from ratelimit.server import to_response
 from ratelimit.service import RateLimitService
 
@@ -40,8 +53,8 @@ class _Model(BaseModel):
 
 
 class JsonEntry(_Model):
-    key: str = Field(min_length=1, max_length=256)
-    value: str = Field(default="", max_length=4096)
+    key: str = Field(min_length=1, max_length=MAX_KEY_CHARS)
+    value: str = Field(default="", max_length=MAX_VALUE_CHARS)
 
 
 class JsonLimit(_Model):
@@ -52,13 +65,13 @@ class JsonLimit(_Model):
 class JsonDescriptor(_Model):
     entries: list[JsonEntry] = Field(min_length=1, max_length=MAX_ENTRIES)
     limit: JsonLimit | None = None
-    hits_addend: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    hits_addend: int | None = Field(default=None, ge=0, le=MAX_HITS_ADDEND)
 
 
 class JsonRequest(_Model):
-    domain: str = Field(min_length=1, max_length=256)
+    domain: str = Field(min_length=1, max_length=MAX_DOMAIN_CHARS)
     descriptors: list[JsonDescriptor] = Field(min_length=1, max_length=MAX_DESCRIPTORS)
-    hits_addend: int = Field(default=0, ge=0, le=2**32 - 1)
+    hits_addend: int = Field(default=0, ge=0, le=MAX_HITS_ADDEND)
 
 
 def _unit(raw: str) -> Unit:

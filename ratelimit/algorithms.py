@@ -101,6 +101,17 @@ def script_keys(hits: Sequence[Hit], now_ms: int) -> list[str]:
     return [key for hit in hits for key in storage_keys(hit, now_ms)]
 
 
+def counted_cost(hit: Hit) -> int:
+    """The cost both forms count. A token bucket's cost above its capacity can never fit; it counts as capacity + 1,
+    which answers the same (over, 0 remaining) but keeps a huge hits_addend from pushing the bucket's debt (and
+    its key's expiry) years ahead, or past the 2^53 the Lua form computes exactly."""
+    limit = hit.limit
+    if limit.algorithm is Algorithm.TOKEN_BUCKET:
+        capacity = limit.burst if limit.burst > 0 else limit.requests_per_unit
+        return min(hit.cost, capacity + 1)
+    return hit.cost
+
+
 def script_args(hits: Sequence[Hit], now_ms: int, mode: int = MODE_DECIDE) -> list[int]:
     """ARGV for ``HITS_LUA``: now_ms, mode, then ``ARGS_PER_HIT`` integers per hit."""
     argv = [now_ms, mode]
@@ -111,7 +122,7 @@ def script_args(hits: Sequence[Hit], now_ms: int, mode: int = MODE_DECIDE) -> li
             limit.requests_per_unit,
             limit.period_s * 1000,
             limit.burst,
-            hit.cost,
+            counted_cost(hit),
             int(hit.count_blocked),
             int(hit.shadow),
         )
@@ -265,7 +276,7 @@ def apply_hits(
             limit=lim.requests_per_unit,
             period=lim.period_s * 1000,
             capacity=lim.burst if lim.burst > 0 else lim.requests_per_unit,
-            cost=hit.cost,
+            cost=counted_cost(hit),
             count_blocked=hit.count_blocked,
             shadow=hit.shadow,
         )

@@ -442,6 +442,8 @@ def _rate_limit(r: Reader, *, allow_unlimited: bool) -> tuple[tuple[Limit, ...],
     if not 0 <= requests <= MAX_REQUESTS_PER_UNIT:
         raise r.error("requests_per_unit", f"must be between 0 and {MAX_REQUESTS_PER_UNIT}, got {requests}")
     algorithm = Algorithm(r.choice("algorithm", _ALGORITHMS, Algorithm.FIXED_WINDOW.value))
+    if requests == 0 and algorithm is Algorithm.TOKEN_BUCKET:  # its refill rate; 0 would divide by zero
+        raise r.error("requests_per_unit", "a token_bucket needs at least 1 (a fixed window of 0 blocks everything)")
     window = r.get("window", int, 1)
     if window < 1:
         raise r.error("window", f"must be at least 1, got {window}")

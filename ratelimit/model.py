@@ -86,6 +86,14 @@ class Rule:
 # event loop (100,000 descriptors took 3 s to answer).
 MAX_DESCRIPTORS = 64
 MAX_ENTRIES = 64
+# Sizes: a domain, key or value beyond these is no real descriptor (Envoy's come from headers, paths, metadata),
+# and every cache on the way (parsed requests, plans, keys, the over-limit cache) would hold it.
+MAX_DOMAIN_CHARS = 256
+MAX_KEY_CHARS = 256
+MAX_VALUE_CHARS = 4096
+# hits_addend: uint32 at the request level in Envoy's proto; the per-descriptor one (UInt64Value) gets the same
+# bound, so no request can push a shared counter towards Redis's 2^63 or a token bucket years into its debt.
+MAX_HITS_ADDEND = 2**32 - 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,11 @@ from envoy.type.v3 import ratelimit_unit_pb2
 from ratelimit.backends.base import BackendUnavailable
 from ratelimit.model import (
     MAX_DESCRIPTORS,
+    MAX_DOMAIN_CHARS,
     MAX_ENTRIES,
+    MAX_HITS_ADDEND,
+    MAX_KEY_CHARS,
+    MAX_VALUE_CHARS,
     Code,
     Descriptor,
     Entry,
@@ -81,6 +85,16 @@ def to_request(request: rls_pb2.RateLimitRequest) -> RateLimitRequest:
         raise BadRequest(f"a rate limit request may carry at most {MAX_DESCRIPTORS} descriptors")
     if any(len(descriptor.entries) > MAX_ENTRIES for descriptor in request.descriptors):
         raise BadRequest(f"a rate limit descriptor may carry at most {MAX_ENTRIES} entries")
+    if len(request.domain) > MAX_DOMAIN_CHARS:
+        raise BadRequest(f"a rate limit domain may be at most {MAX_DOMAIN_CHARS} characters")
+    for descriptor in request.descriptors:
+        if descriptor.HasField("hits_addend") and descriptor.hits_addend.value > MAX_HITS_ADDEND:
+            raise BadRequest(f"a descriptor's hits_addend may be at most {MAX_HITS_ADDEND}")
+        for entry in descriptor.entries:
+            if len(entry.key) > MAX_KEY_CHARS or len(entry.value) > MAX_VALUE_CHARS:
+                raise BadRequest(
+                    f"a descriptor entry's key may be at most {MAX_KEY_CHARS} characters, its value {MAX_VALUE_CHARS}"
+                )
     descriptors = tuple(
         Descriptor(
             entries=tuple(Entry(entry.key, entry.value) for entry in descriptor.entries),
@@ -138,6 +152,7 @@ def to_response(response: RateLimitResponse) -> rls_pb2.RateLimitResponse:
 
 
 REQUEST_CACHE_SIZE = 4096
+REQUEST_CACHE_MAX_BYTES = 4096  # a kept request's size: the cache holds at most 16 MiB of them
 
 
 class RequestParser:
@@ -163,6 +178,8 @@ class RequestParser:
             return error
         except Exception:  # DecodeError and friends: garbage on the wire
             return BadRequest("malformed rate limit request")
+        if len(data) > REQUEST_CACHE_MAX_BYTES:  # real requests are small: a big one is not kept
+            return parsed
         if len(self._parsed) >= self._size:
             self._parsed.clear()
         self._parsed[data] = parsed

@@ -67,7 +67,9 @@ for r = 1, tonumber(ARGV[1]) do
   local keys, args = {}, {}
   for i = 1, nkeys do keys[i] = KEYS[k]; k = k + 1 end
   for i = 1, nargs do args[i] = ARGV[a]; a = a + 1 end
-  out[r] = one(keys, args)
+  -- one request's error (e.g. a key holding another type) is its own: the others still get their answers
+  local ok, res = pcall(one, keys, args)
+  if ok then out[r] = res else out[r] = redis.error_reply(tostring(res)) end
 end
 return out
 """

@@ -170,6 +170,19 @@ async def test_token_bucket_bursts_then_refills(backend: CounterBackend, backend
     assert [o[0] for o in await seq(backend, third, 333, 1) + await seq(backend, third, 334, 1)] == [1, 0]
 
 
+async def test_a_token_bucket_cost_that_can_never_fit_is_over_and_bounded(
+    backend: CounterBackend, backend_factory: Backends
+) -> None:
+    """A cost above the capacity is refused; counted (count_blocked), it weighs like capacity + 1, so the bucket
+    is whole again after (capacity + 1) intervals, not after years (2**32 - 1 at 2/s: 68 years)."""
+    key = backend_factory.key("tbhuge")
+    huge = Hit(key, lim(2, TB, burst=4), 2**32 - 1)  # count_blocked by default: it is consumed
+    assert await seq(backend, huge, 0, 1) == [(1, 0, 2500, 2500)]
+    assert await seq(backend, Hit(key, huge.limit, 0), 2500, 1) == [(0, 4, 0, 0)]  # full again
+    ttl = await backend_factory.pttl(backend, key, at(0))
+    assert ttl is not None and ttl < 10_000
+
+
 async def test_count_blocked_counts_refused_requests(backend: CounterBackend, backend_factory: Backends) -> None:
     for algorithm, blocked_retry in ((FW, 1000), (SW, 1667), (TB, 1000)):
         hit = Hit(backend_factory.key(f"cb{algorithm}"), lim(2, algorithm), 1)  # count_blocked by default

@@ -85,6 +85,21 @@ def test_to_request_maps_hits_addend_and_overrides() -> None:
             rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(*((f"k{i}", "v") for i in range(65)))]),
             "at most 64 entries",
         ),
+        (rls_pb2.RateLimitRequest(domain="d" * 257, descriptors=[descriptor(("a", "b"))]), "at most 256 characters"),
+        (rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(("k" * 257, "v"))]), "key may be at most 256"),
+        (rls_pb2.RateLimitRequest(domain="d", descriptors=[descriptor(("k", "v" * 4097))]), "its value 4096"),
+        (
+            rls_pb2.RateLimitRequest(
+                domain="d",
+                descriptors=[
+                    ratelimit_pb2.RateLimitDescriptor(
+                        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="k", value="v")],
+                        hits_addend=wrappers_pb2.UInt64Value(value=2**32),
+                    )
+                ],
+            ),
+            "hits_addend may be at most 4294967295",
+        ),
     ],
 )
 def test_to_request_rejects_bad_requests(request_: rls_pb2.RateLimitRequest, message: str) -> None:
@@ -95,6 +110,8 @@ def test_to_request_rejects_bad_requests(request_: rls_pb2.RateLimitRequest, mes
 def test_to_request_takes_as_many_descriptors_and_entries_as_the_json_endpoint() -> None:
     most = [descriptor(*((f"k{i}", "v") for i in range(64))) for _ in range(64)]
     assert len(server.to_request(rls_pb2.RateLimitRequest(domain="d", descriptors=most)).descriptors) == 64
+    longest = descriptor(("k" * 256, "v" * 4096))
+    assert server.to_request(rls_pb2.RateLimitRequest(domain="d" * 256, descriptors=[longest])).domain == "d" * 256
 
 
 def test_to_response_fills_statuses_and_headers() -> None:
@@ -237,6 +254,9 @@ def test_request_parser_reuses_models_and_never_raises() -> None:
     for user in ("b", "c", "d"):  # bounded
         parse(rls_pb2.RateLimitRequest(domain="shop", descriptors=[descriptor(("user", user))]).SerializeToString())
     assert len(parse._parsed) <= 2
+    big = rls_pb2.RateLimitRequest(domain="shop", descriptors=[descriptor(("user", "x" * 4000))] * 2)
+    assert isinstance(parse(big.SerializeToString()), RateLimitRequest)
+    assert big.SerializeToString() not in parse._parsed  # answered, not kept: only small requests are remembered
 
 
 def _reference_response(response: RateLimitResponse) -> rls_pb2.RateLimitResponse:

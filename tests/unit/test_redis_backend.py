@@ -171,6 +171,23 @@ async def test_concurrent_script_calls_are_coalesced_and_stay_exact(standalone: 
     assert standalone.batches < 25  # several requests shared a script call
 
 
+async def test_one_failing_request_in_a_batch_fails_alone(
+    redis_standalone: RedisServer,  # noqa: F811
+    standalone: RedisBackend,
+) -> None:
+    """A script error in one request of a coalesced batch (here a key holding a list) is that request's own."""
+    broken = _key()
+    with redis_standalone.client() as admin:
+        admin.rpush(f"{broken}:{int(NOW) // 60 * 60}", "not a counter")
+    standalone.batches = standalone.batched_requests = 0
+    hits = [_hit(broken if i == 7 else _key(), 10, count_blocked=False) for i in range(25)]
+    results = await asyncio.gather(*(standalone.hit([hit], NOW) for hit in hits), return_exceptions=True)
+    assert standalone.batches < 25  # the batch wrapper ran
+    failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
+    assert failed == [7], results
+    assert isinstance(results[7], BackendUnavailable) and "WRONGTYPE" in str(results[7])
+
+
 async def test_keys_expire_from_creation(redis_standalone: RedisServer, standalone: RedisBackend) -> None:  # noqa: F811
     key = _key()
     now = time.time()
