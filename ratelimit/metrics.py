@@ -46,17 +46,17 @@ class RuleStats:
 
     __slots__ = (
         "domain",
-        "last_shadow_log",
         "near_limit",
         "over_limit",
         "over_limit_with_local_cache",
         "rule",
+        "shadow_gate",
         "shadow_mode",
         "total_hits",
         "within_limit",
     )
 
-    def __init__(self, domain: str, rule: str) -> None:
+    def __init__(self, domain: str, rule: str, shadow_gate: list[float] | None = None) -> None:
         self.domain = domain
         self.rule = rule
         self.total_hits = 0
@@ -65,7 +65,9 @@ class RuleStats:
         self.within_limit = 0
         self.shadow_mode = 0
         self.over_limit_with_local_cache = 0
-        self.last_shadow_log = float("-inf")  # for sampling shadow-mode log lines
+        # When the rule last logged a shadow-mode refusal: one cell per configured rule, shared by its detailed
+        # series, so that a client sending ever new values cannot multiply the log lines.
+        self.shadow_gate = shadow_gate if shadow_gate is not None else [float("-inf")]
 
 
 def wants_values(rule: Rule) -> bool:
@@ -84,6 +86,7 @@ class RuleStatsCollector(Collector):
     def __init__(self, max_detailed: int = MAX_DETAILED_SERIES) -> None:
         self._plain: dict[tuple[str, str], RuleStats] = {}
         self._detailed: dict[tuple[str, str], RuleStats] = {}
+        self._gates: dict[tuple[str, str], list[float]] = {}  # per (domain, rule path): see RuleStats.shadow_gate
         self._max_detailed = max_detailed
         self._detailed_full_logged = False
 
@@ -95,7 +98,8 @@ class RuleStatsCollector(Collector):
             if stats is not None:
                 return stats
             if len(self._detailed) < self._max_detailed:
-                stats = self._detailed[key] = RuleStats(domain, label)
+                gate = self._gates.setdefault((domain, rule.path), [float("-inf")])
+                stats = self._detailed[key] = RuleStats(domain, label, gate)
                 return stats
             if not self._detailed_full_logged:
                 self._detailed_full_logged = True
@@ -103,7 +107,7 @@ class RuleStatsCollector(Collector):
         key = (domain, rule.path)
         stats = self._plain.get(key)
         if stats is None:
-            stats = self._plain[key] = RuleStats(domain, rule.path)
+            stats = self._plain[key] = RuleStats(domain, rule.path, self._gates.setdefault(key, [float("-inf")]))
         return stats
 
     def series(self) -> list[RuleStats]:

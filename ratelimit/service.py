@@ -11,7 +11,7 @@ Plain Python; knows nothing of protobuf (``server.py`` translates). Semantics fo
 - every remaining limit becomes one ``Hit``; all hits of the request go to the backend in ONE call;
 - a descriptor with several limits reports the decisive one: an over limit if any, else the least remaining;
 - shadow mode (per rule or global) never answers OVER_LIMIT, but the would-be refusal is counted and logged
-  (at most one line per rule per ``shadow_log_interval_s``);
+  (at most one line per configured rule per ``shadow_log_interval_s``, whatever values its detailed series see);
 - ``quota_mode`` (envoyproxy's soft limit): the descriptor's status says OVER_LIMIT, but it never makes the overall
   code OVER_LIMIT and never blocks the request's other hits;
 - ``BackendUnavailable``: the domain's ``on_backend_error`` answers (``allow``: all OK; ``deny``: every limited
@@ -76,7 +76,8 @@ class OverLimitCache:
     hit with cost >= 1 in that window is over, whatever it would do to the store. A sliding window decays and a
     token bucket refills continuously, so "over" there is not stable until a known instant; they are never cached.
     Keys embed the limit (``Limit.ident``), so a reload that changes a limit uses fresh keys.
-    Bounded: when full, expired entries are purged; if still full, nothing new is cached.
+    Bounded: when full, expired entries are purged and, if that frees less than an eighth, the oldest eighth goes
+    too (so a cache full of long windows costs one purge per eighth of puts, not one per put, and keeps learning).
     """
 
     def __init__(self, max_entries: int = 65_536) -> None:
@@ -98,9 +99,9 @@ class OverLimitCache:
 
     def put(self, key: str, until: float, now: float) -> None:
         if len(self._until) >= self._max and key not in self._until:
-            self._until = {k: v for k, v in self._until.items() if v > now}
-            if len(self._until) >= self._max:
-                return
+            live = [(k, v) for k, v in self._until.items() if v > now]
+            keep = min(len(live), self._max - max(1, self._max // 8))
+            self._until = dict(live[len(live) - keep :])  # insertion order: the oldest go first
         self._until[key] = until
 
     def clear(self) -> None:
@@ -108,6 +109,8 @@ class OverLimitCache:
 
 
 PLAN_CACHE_SIZE = 4096
+OVERRIDE_RULE = "<override>"  # the rule label of a limit override that matched no rule
+UNKNOWN_DOMAIN = "<unknown>"  # the domain label of a domain the config does not have
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +231,8 @@ class RateLimitService:
         shadows: list[bool] = [False] * len(descriptors)
         quota: list[bool] = [False] * len(descriptors)
         shadow_global = self.shadow_mode_global
+        # Metric labels: a domain the config does not know is the client's to choose, so it is not a label.
+        stats_domain = domain if domain in config.domains else UNKNOWN_DOMAIN
         for index, (descriptor, rule) in enumerate(zip(descriptors, rules, strict=True)):
             if rule is None or rule.unlimited:
                 continue
@@ -240,7 +245,7 @@ class RateLimitService:
             costs[index] = cost
             shadow = shadows[index] = shadow_global or rule.shadow_mode
             quota[index] = rule.quota_mode
-            rule_stats[index] = self._stats.for_rule(domain, rule, descriptor.entries)
+            rule_stats[index] = self._stats.for_rule(stats_domain, rule, descriptor.entries)
             for limit in limits:
                 key = counter_key(domain, descriptor.entries, rule, limit, self._prefix)
                 # A quota-mode limit never refuses, so like a shadow hit it must not block the others.
@@ -263,10 +268,10 @@ class RateLimitService:
         override = descriptor.limit_override
         if override is None:
             return rule
-        # envoyproxy: an override applies even without a matching rule, and never in shadow mode.
+        # envoyproxy: an override applies even without a matching rule, and never in shadow mode. Its metric
+        # series is one per domain: the keys are the client's to choose (and so, see _plan, is an unknown domain).
         if rule is None:
-            path = f"{domain}." + ".".join(entry.key for entry in descriptor.entries)
-            return Rule(path=path + "#override", limits=(override,))
+            return Rule(path=OVERRIDE_RULE, limits=(override,))
         return Rule(
             path=rule.path,
             limits=(override,),
@@ -411,8 +416,9 @@ class RateLimitService:
                 stats.over_limit_with_local_cache += cost
             if shadow:
                 stats.shadow_mode += cost
-                if now - stats.last_shadow_log >= self._shadow_log_interval_s:
-                    stats.last_shadow_log = now
+                gate = stats.shadow_gate
+                if now - gate[0] >= self._shadow_log_interval_s:
+                    gate[0] = now
                     log.info(
                         "shadow mode: over the limit, allowed",
                         extra={"domain": stats.domain, "rule": stats.rule, "limit": rl_headers.policy_name(limit)},

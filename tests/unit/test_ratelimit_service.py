@@ -236,10 +236,36 @@ async def test_limit_override_replaces_the_rule_and_applies_without_one() -> Non
     assert (await service.should_rate_limit(req(SLOW))).statuses[0].remaining == 2  # the rule's own counter
     no_rule = Descriptor((Entry("free", "x"),), limit_override=Limit(2, Unit.SECOND))
     assert (await service.should_rate_limit(req(no_rule))).statuses[0].remaining == 1
-    assert any(s.rule == "shop.free#override" for s in stats.series())
+    assert any((s.domain, s.rule) == ("shop", "<override>") for s in stats.series())
     shadow_override = Descriptor((Entry("shadowed", "x"),), limit_override=Limit(0, Unit.SECOND))
     assert (await service.should_rate_limit(req(shadow_override))).code is Code.OVER_LIMIT  # never shadow
     assert backend.calls
+
+
+async def test_client_chosen_names_never_multiply_metric_series_or_shadow_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Overrides with keys of the client's choosing, unknown domains, ever new values under a detailed shadow rule:
+    the series stay a handful and one rule logs once per interval."""
+    service, _, _, stats = make(shadow_mode_global=True)
+    with caplog.at_level("INFO", logger="ratelimit.service"):
+        for i in range(50):
+            zero = Limit(0, Unit.SECOND)
+            await service.should_rate_limit(req(Descriptor((Entry(f"key{i}", "x"),), limit_override=zero)))
+            await service.should_rate_limit(
+                req(Descriptor((Entry("k", "v"),), limit_override=zero), domain=f"made-up-{i}")
+            )
+    labels = {(s.domain, s.rule) for s in stats.series()}
+    assert labels == {("shop", "<override>"), ("<unknown>", "<override>")}
+    shadow_lines = [r for r in caplog.records if r.getMessage().startswith("shadow mode")]
+    assert len(shadow_lines) == 2  # one per series and interval, not one per request
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ratelimit.service"):
+        for i in range(50):  # a detailed rule: a series per value, but one log line for the rule
+            for _ in range(2):  # the second is over (1 per minute)
+                await service.should_rate_limit(req({"detailed": f"value-{i}"}))
+    assert len([r for r in caplog.records if r.getMessage().startswith("shadow mode")]) == 1
+    assert len([s for s in stats.series() if s.rule.startswith("shop.detailed_value-")]) == 50
 
 
 async def test_hits_addend_request_level_descriptor_level_and_zero_checks_only() -> None:
@@ -367,13 +393,25 @@ async def test_local_cache_is_bounded() -> None:
     cache = OverLimitCache(max_entries=2)
     cache.put("a", 10.0, 0.0)
     cache.put("b", 5.0, 0.0)
-    cache.put("c", 10.0, 0.0)  # full, nothing expired: not cached
-    assert cache.get("c", 1.0) is None
-    cache.put("c", 10.0, 6.0)  # "b" expired: purged, room for "c"
-    assert cache.get("c", 6.0) == 10.0
+    cache.put("c", 10.0, 6.0)  # full: "b" expired and is purged, room for "c"
+    assert cache.get("c", 6.0) == 10.0 and cache.get("a", 6.0) == 10.0
     assert cache.get("a", 10.0) is None  # expired at its window's end
     cache.clear()
     assert len(cache) == 0
+
+
+async def test_local_cache_full_of_long_windows_keeps_learning_without_a_purge_per_put() -> None:
+    """Filled with year-long keys (anyone can send overrides of 0 per year), it drops its oldest eighth and goes on
+    caching; the next puts fit without another purge."""
+    cache = OverLimitCache(max_entries=16)
+    for i in range(16):
+        cache.put(f"k{i}", 1e9, 0.0)
+    cache.put("fresh", 1e9, 0.0)
+    assert cache.get("fresh", 1.0) == 1e9
+    assert cache.get("k0", 1.0) is None and cache.get("k1", 1.0) is None and cache.get("k2", 1.0) == 1e9
+    assert len(cache) == 15  # 16 - 2 + 1: room for one more before the next purge
+    cache.put("next", 1e9, 0.0)
+    assert len(cache) == 16 and cache.get("k2", 1.0) == 1e9
 
 
 async def test_headers_draft_classic_both_and_retry_after() -> None:
