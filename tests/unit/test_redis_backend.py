@@ -346,7 +346,12 @@ async def test_sentinel_backend_counts(redis_sentinel: object) -> None:  # noqa:
     from tests.support.redis_servers import RedisSentinel
 
     assert isinstance(redis_sentinel, RedisSentinel)
-    backend = RedisBackend.from_url(redis_sentinel.url, timeout_s=2.0)
+    await _counts_through(redis_sentinel.url)
+
+
+async def _counts_through(url: str) -> None:
+    """A backend on ``url`` counts a limit of 2 exactly and answers ping."""
+    backend = RedisBackend.from_url(url, timeout_s=2.0)
     try:
         key = _key()
         assert [(await backend.hit([_hit(key, 2)], NOW))[0].over for _ in range(3)] == [False, False, True]
@@ -358,13 +363,7 @@ async def test_sentinel_backend_counts(redis_sentinel: object) -> None:  # noqa:
 async def test_sentinel_with_passwords_on_the_master_and_on_the_sentinels() -> None:
     """Real servers: the master and replica require one password, the sentinels another (sentinel_password=)."""
     with RedisSentinel(password="m4ster-pw", sentinel_password="s3ntinel-pw") as sentinels:
-        backend = RedisBackend.from_url(sentinels.url, timeout_s=TIMEOUT_S)
-        try:
-            key = _key()
-            assert [(await backend.hit([_hit(key, 2)], NOW))[0].over for _ in range(3)] == [False, False, True]
-            assert await backend.ping()
-        finally:
-            await backend.close()
+        await _counts_through(sentinels.url)
         for wrong in (
             sentinels.url.replace("?sentinel_password=s3ntinel-pw", ""),  # the sentinels refuse to name the master
             sentinels.url.replace(":m4ster-pw@", ":wrong@"),  # the master refuses the client
