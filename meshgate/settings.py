@@ -141,9 +141,13 @@ def _file_values(path: Path) -> dict[str, tuple[Any, str]]:
         kind = _KINDS.get(name)
         if kind is None:
             raise SettingsError(f"{where}: unknown setting {name!r} (known: {', '.join(_KINDS)})")
-        if kind is not bool and isinstance(raw, bool) and kind is not str:
-            raise SettingsError(f"{where}: {name}: expected {kind.__name__}, got {raw!r}")
-        if isinstance(raw, dict | list) or raw is None or (kind is int and isinstance(raw, float)):
+        wrong_type = (
+            raw is None
+            or isinstance(raw, dict | list)
+            or (isinstance(raw, bool) and kind not in (bool, str))  # grpc_port: true is no port 1
+            or (kind is int and isinstance(raw, float))  # nor is 9001.9 port 9001
+        )
+        if wrong_type:
             raise SettingsError(f"{where}: {name}: expected {kind.__name__}, got {raw!r}")
         if kind is str and isinstance(raw, bool):
             raw = "on" if raw else "off"  # YAML 1.1 reads a bare off/on as a bool: ratelimit_headers: off
