@@ -210,12 +210,14 @@ def redis_tls(tmp_path: Path) -> Iterator[tuple[RedisServer, TestCA]]:
 class RedisCluster:
     """Three masters, no replicas, every slot covered; ``url`` lists all three nodes."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, *, password: str | None = None) -> None:
+        self.password = password
         # explicit bus ports: the default (port + 10000) overflows for high ephemeral ports
         self.bus_ports = [free_port() for _ in range(masters)]
         self.nodes = [
             RedisServer(
                 name=f"redis-cluster{i}",
+                password=password,
                 extra_args=[
                     *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
                     *("--cluster-node-timeout", "3000", "--cluster-port", str(bus)),
@@ -260,7 +262,8 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
     def __enter__(self) -> RedisCluster:
         return self.start()

@@ -378,6 +378,20 @@ async def test_sentinel_with_passwords_on_the_master_and_on_the_sentinels() -> N
                 await refused.close()
 
 
+async def test_cluster_with_a_password() -> None:
+    """Real servers: every node of the Cluster requires the password; a wrong one is refused without showing it."""
+    with RedisCluster(password="c1uster-pw") as cluster:
+        await _counts_through(cluster.url)
+        refused = RedisBackend.from_url(cluster.url.replace(":c1uster-pw@", ":wrong-pw@"), timeout_s=TIMEOUT_S)
+        try:
+            with pytest.raises(BackendUnavailable) as caught:
+                await refused.hit([_hit(_key(), 2)], NOW)
+            assert "c1uster-pw" not in str(caught.value) and "wrong-pw" not in str(caught.value)
+            assert not await refused.ping()
+        finally:
+            await refused.close()
+
+
 async def test_sentinel_failover_is_followed() -> None:
     """After a failover the old master is a replica (READONLY) or gone: the lean client asks Sentinel again."""
     with RedisSentinel() as sentinels:
