@@ -60,6 +60,15 @@ class _Issuer:
 class _Cached:
     identity: Identity
     exp: float
+    # The JWKS key that verified it (None for a shared secret): a hit is only good while the issuer still serves
+    # that very key, so a key rotated out of the JWKS stops its tokens at the next refresh, not at their exp.
+    keys: JwksCache | None = None
+    kid: str | None = None
+    alg: str = ""
+    key: Any = None
+
+    def key_still_served(self) -> bool:
+        return self.keys is None or self.keys.key_for(self.kid, self.alg) is self.key
 
 
 def _b64json(segment: str) -> Any:
@@ -182,19 +191,20 @@ class JwtProvider:
             raise _invalid("token too large")
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         cached = self._cache.get(digest)
-        if cached is not None:
+        if cached is not None and cached.key_still_served():
             _CACHE_HIT.inc()
             identity = cached.identity
             if identity.credential_header != header:  # same token, another source: strip the right header
                 identity = replace(identity, credential_header=header)
             return identity
         _CACHE_MISS.inc()
-        claims, exp = self._verify(token)
+        claims, exp, verified_by = self._verify(token)
         identity = self._identity(claims, header)
-        self._cache[digest] = _Cached(identity, exp)
+        self._cache[digest] = _Cached(identity, exp, *verified_by)
         return identity
 
-    def _verify(self, token: str) -> tuple[dict[str, Any], float]:
+    def _verify(self, token: str) -> tuple[dict[str, Any], float, tuple[JwksCache | None, str | None, str, Any]]:
+        """The token's claims and exp, and what verified it (JWKS cache, kid, alg, key; all None for a secret)."""
         header, unverified = _peek(token)
         alg = header.get("alg")
         iss = unverified.get("iss")
@@ -206,6 +216,7 @@ class JwtProvider:
         if not isinstance(alg, str):
             raise _invalid("token has no algorithm")
         key: Any
+        verified_by: tuple[JwksCache | None, str | None, str, Any] = (None, None, "", None)
         if alg in issuer.asymmetric and issuer.keys is not None:
             kid = header.get("kid")
             if kid is not None and not isinstance(kid, str):
@@ -215,6 +226,7 @@ class JwtProvider:
                 if issuer.keys.can_refetch():
                     raise RefreshNeeded(issuer.keys.refetch_for_unknown_kid)
                 raise AuthenticationError(Reason.UNKNOWN_KEY, "token signed with an unknown key")
+            verified_by = (issuer.keys, kid, alg, key)
         elif alg in issuer.symmetric:
             key = issuer.secret
         else:
@@ -241,7 +253,7 @@ class JwtProvider:
             raise _invalid("token signature is invalid") from None
         except Exception:  # any other pyjwt or key error: the token is not acceptable, never a crash
             raise _invalid("token is malformed or not verifiable") from None
-        return claims, self._check_times(claims)
+        return claims, self._check_times(claims), verified_by
 
     def _check_times(self, claims: Mapping[str, Any]) -> float:
         now, leeway = self._clock(), self._leeway

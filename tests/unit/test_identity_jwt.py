@@ -403,6 +403,24 @@ async def test_cache_hit_skips_verification(env: Env, rsa: SigningKey, monkeypat
     assert (cache_count("hit") - hits, cache_count("miss") - misses) == (1, 1)
 
 
+async def test_a_key_rotated_out_of_the_jwks_stops_its_cached_tokens(
+    env: Env, rsa: SigningKey, rsa2: SigningKey
+) -> None:
+    """A token verified once is cached until its exp, but only while the issuer still serves the key that signed
+    it: after a refresh without that key it is refused like any token of an unknown key."""
+    provider = await env.provider()
+    token = mint_token(rsa, rsa.kid, env.claims(exp=int(NOW) + 365 * 86400))
+    assert provider.authenticate(bearer(token)) is not None  # verified and cached
+    assert provider.authenticate(bearer(token)) is not None  # from the cache
+    env.server.rotate([rsa2])
+    (keys,) = provider.caches
+    assert await keys.refresh()
+    assert reason_of(provider, bearer(token)) is Reason.UNKNOWN_KEY
+    env.server.rotate([rsa, rsa2])  # the same key served again after a refresh: accepted again
+    assert await keys.refresh()
+    assert provider.authenticate(bearer(token)) is not None
+
+
 async def test_cache_entry_gone_at_exp(env: Env, rsa: SigningKey) -> None:
     provider = await env.provider(leeway_s=0)
     token = mint_token(rsa, rsa.kid, env.claims(exp=int(NOW) + 60))
