@@ -29,8 +29,13 @@ _SPIFFE_ID = re.compile(r"spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._~!$&'()*+,;=:@
 _NS_SA = re.compile(r"/ns/([^/]+)/sa/([^/]+)")
 
 
+class _Unbalanced(ValueError):
+    """A quote opened and never closed: the header's structure is not to be trusted."""
+
+
 def _split_top_level(value: str, separator: str) -> list[str]:
-    """Split on ``separator`` outside double quotes (XFCC quotes values holding ``,`` ``;`` or ``=``)."""
+    """Split on ``separator`` outside double quotes (XFCC quotes values holding ``,`` ``;`` or ``=``).
+    An unclosed quote raises ``_Unbalanced``: it would swallow every element appended after it."""
     parts: list[str] = []
     current: list[str] = []
     quoted = escaped = False
@@ -46,6 +51,8 @@ def _split_top_level(value: str, separator: str) -> list[str]:
             current = []
             continue
         current.append(char)
+    if quoted:
+        raise _Unbalanced(value[:64])
     parts.append("".join(current))
     return parts
 
@@ -66,10 +73,13 @@ def principal_from_xfcc(value: str, skip_by: frozenset[str] = frozenset()) -> st
     """
     if not value or len(value) > MAX_XFCC_CHARS:
         return ""
-    for element in reversed(_split_top_level(value, ",")):
-        by, uri = _by_and_spiffe_uri(element)
-        if by not in skip_by:
-            return uri
+    try:
+        for element in reversed(_split_top_level(value, ",")):
+            by, uri = _by_and_spiffe_uri(element)
+            if by not in skip_by:
+                return uri
+    except _Unbalanced:  # e.g. a client's element opening a quote to hide the ones Envoy appended
+        return ""
     return ""
 
 

@@ -60,6 +60,8 @@ ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
         # Only trailing elements are skipped: a client-sent one with By= extauthz must not be reached.
         (f"By={EXTAUTHZ};URI=spiffe://evil/ns/x/sa/y,By={ORDERS};URI={FRONTEND},By={EXTAUTHZ};URI={ORDERS}", FRONTEND),
         (f'By="{EXTAUTHZ}";URI={ORDERS}', ""),  # quoted By
+        # A client's element opening a quote that never closes would swallow what Envoy appended: no identity.
+        (f'URI=spiffe://cluster.local/ns/billing/sa/b;By=x;X=",{ISTIO_XFCC},By={EXTAUTHZ};Subject="";URI={ORDERS}', ""),
     ],
 )
 def test_principal_from_xfcc_skips_trailing_hops_of_listed_proxies(value: str, expected: str) -> None:
