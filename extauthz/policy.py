@@ -61,12 +61,24 @@ def _split_globs(values: Iterable[str], wildcards: str) -> tuple[frozenset[str],
     return exact, globs
 
 
-def _host_without_port(host: str) -> str:
+def host_parts(host: str) -> tuple[str, str]:
+    """(host with its port, host without it), lower-case, without a trailing dot or an empty port: Envoy and most
+    upstreams treat ``admin.example.com.`` and ``admin.example.com:`` as ``admin.example.com``, so rules must too."""
+    host = host.lower()
     if host.startswith("["):  # [v6]:port
         end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    name, sep, port = host.rpartition(":")
-    return name if sep and port.isdigit() and ":" not in name else host
+        if end == -1:
+            return host, host
+        bare, rest = host[: end + 1], host[end + 1 :]
+        port = rest[1:] if rest.startswith(":") and rest[1:].isdigit() else ""
+    else:
+        name, sep, port = host.rpartition(":")
+        if sep and ":" not in name and (port.isdigit() or not port):
+            bare = name
+        else:
+            bare, port = host, ""
+        bare = bare.rstrip(".")
+    return (f"{bare}:{port}" if port else bare), bare
 
 
 # Predicates are closures that test only what a rule names: the request path calls one function per rule
@@ -258,8 +270,7 @@ class Policy:
         deny, public, allow = bucket
         host = bare = ""
         if self._uses_host:
-            host = inp.host.lower()
-            bare = _host_without_port(host)
+            host, bare = host_parts(inp.host)
         for request, requires, verdict, _ in deny:
             if request(inp, host, bare) and (requires is None or (identity is not None and requires(identity))):
                 return verdict

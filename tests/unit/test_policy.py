@@ -8,7 +8,7 @@ from bench.scenarios import POLICY as BENCH_POLICY
 from extauthz.config import HeaderMatch, IdentityMatch, RequestMatch, Rule
 from extauthz.config_loader import load_config, parse_config
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
-from extauthz.policy import Policy, compile_policy
+from extauthz.policy import Policy, compile_policy, host_parts
 from extauthz.policy_api import CompiledPolicy, Verdict
 
 POLICY = """
@@ -172,6 +172,11 @@ CASES: list[tuple[str, CheckInput, Identity | None, AuthenticationError | None, 
         "orders-read",
     ),
     ("host-wrong", req("/orders", host="evil.com"), ALICE, None, 403, Reason.NO_MATCHING_RULE, ""),
+    # a trailing dot or an empty port is the same host (Envoy routes them alike): rules match it as such
+    ("host-trailing-dot", req("/orders", host="api.example.com."), ALICE, None, 200, Reason.ALLOWED, "orders-read"),
+    ("host-dot-port", req("/orders", host="api.example.com.:8443"), ALICE, None, 200, Reason.ALLOWED, "orders-read"),
+    ("host-empty-port", req("/docs/a", host="docs.example.com:"), None, None, 200, Reason.PUBLIC, "docs"),
+    ("host-wildcard-dot", req("/docs/a", host="a.docs.example.com."), None, None, 200, Reason.PUBLIC, "docs"),
     ("host-ipv6", req("/orders", host="[::1]:8080"), ALICE, None, 403, Reason.NO_MATCHING_RULE, ""),
     ("method-wrong", req("/orders", "POST"), ALICE, None, 403, Reason.NO_MATCHING_RULE, ""),
     ("unknown-method", req("/orders", "PURGE"), ALICE, None, 403, Reason.NO_MATCHING_RULE, ""),
@@ -316,3 +321,21 @@ def test_exact_only_identity_values_and_bare_header_condition() -> None:
     assert policy.evaluate(req("/", x_tenant="t"), alice, None).allowed
     assert policy.evaluate(req("/"), alice, None).reason is Reason.NO_MATCHING_RULE
     assert policy.evaluate(req("/", x_tenant="t"), ALICE, None).reason is Reason.FORBIDDEN
+
+
+@pytest.mark.parametrize(
+    ("host", "parts"),
+    [
+        ("Admin.Example.com", ("admin.example.com", "admin.example.com")),
+        ("admin.example.com.", ("admin.example.com", "admin.example.com")),
+        ("admin.example.com:", ("admin.example.com", "admin.example.com")),
+        ("admin.example.com.:443", ("admin.example.com:443", "admin.example.com")),
+        ("[::1]:8443", ("[::1]:8443", "[::1]")),
+        ("[::1]:", ("[::1]", "[::1]")),
+        ("[::1", ("[::1", "[::1")),
+        ("host:abc", ("host:abc", "host:abc")),
+        ("", ("", "")),
+    ],
+)
+def test_host_parts(host: str, parts: tuple[str, str]) -> None:
+    assert host_parts(host) == parts
