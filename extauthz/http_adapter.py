@@ -35,6 +35,7 @@ import httptools
 from extauthz.identity.base import RefreshNeeded
 from extauthz.model import CheckInput, Decision, Reason
 from extauthz.pipeline import REQUEST_ID_HEADER, Pipeline, RememberedRequest
+from extauthz.response import header_safe
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,8 @@ _INTERNAL_ERROR = _error_response(500, Reason.INTERNAL_ERROR.value, "internal er
 
 
 def _clean(value: str) -> bytes:
-    """Header-safe bytes: control characters dropped so no value (e.g. a JWT ``sub``) can split a header."""
-    if value.isascii() and value.isprintable():
-        return value.encode("ascii")
-    return "".join(ch for ch in value if ch >= " " and ch != "\x7f").encode("utf-8")
+    """Header-safe bytes (``response.header_safe``: control characters dropped)."""
+    return header_safe(value).encode("utf-8")
 
 
 def encode_decision(decision: Decision, *, head: bool = False, close: bool = False) -> bytes:

@@ -21,9 +21,23 @@ def identity_header_names(settings: ResponseSettings) -> tuple[str, ...]:
     )
 
 
+def header_safe(value: str) -> str:
+    """``value`` without control characters, so that no claim (a JWT ``sub`` with CR/LF) can split a header, in
+    either transport."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(ch for ch in value if ch >= " " and ch != "\x7f")
+
+
+def roles_value(identity: Identity) -> str:
+    """The roles as one comma-separated value. A role that itself holds a comma is left out: an upstream that
+    splits the value would read it as several roles (``"dev,admin"`` as ``admin``)."""
+    return ",".join(sorted(role for role in identity.roles if "," not in role))
+
+
 def identity_metadata(identity: Identity, keys: tuple[str, ...]) -> dict[str, str]:
     """String-valued metadata for Envoy's rate-limit ``metadata`` actions (only strings match there): the
-    non-empty ones of ``keys`` (the policy's ``response.metadata``), in that order."""
+    non-empty ones of ``keys`` (the policy's ``response.metadata``), in that order, header-safe."""
     values = {
         "kind": identity.kind.value,
         "sub": identity.subject,
@@ -31,9 +45,9 @@ def identity_metadata(identity: Identity, keys: tuple[str, ...]) -> dict[str, st
         "client": identity.client,
         "principal": identity.principal,
         "tier": identity.tier,
-        "roles": ",".join(sorted(identity.roles)),
+        "roles": roles_value(identity),
     }
-    return {key: values[key] for key in keys if values[key]}
+    return {key: header_safe(values[key]) for key in keys if values[key]}
 
 
 def allow(identity: Identity | None, rule: str, reason: Reason, settings: ResponseSettings) -> Decision:
@@ -50,13 +64,14 @@ def allow(identity: Identity | None, rule: str, reason: Reason, settings: Respon
             identity.subject,
             identity.kind.value,
             identity.client,
-            ",".join(sorted(identity.roles)),
+            roles_value(identity),
             identity.tier,
             identity.issuer,
         )
         for name, value in zip(identity_header_names(settings), values, strict=True):
-            if value:
-                to_set.append((name, value))
+            safe = header_safe(value)
+            if safe:
+                to_set.append((name, safe))
             else:
                 to_remove.append(name)
         if settings.strip_credentials and identity.credential_header:

@@ -32,6 +32,25 @@ def test_allow_overwrites_identity_headers_and_strips_the_credential() -> None:
     assert decision.metadata == {"sub": "alice", "tier": "gold", "roles": "reader,writer"}
 
 
+def test_claims_cannot_split_a_header_or_smuggle_a_role_in_either_transport() -> None:
+    """The decision feeds the gRPC answer as is (HTTP mode cleans again): control characters are dropped, and a
+    role holding a comma, which a splitting upstream would read as several, is left out."""
+    identity = Identity(
+        kind=IdentityKind.JWT,
+        subject="alice\r\nx-auth-roles: admin",
+        roles=frozenset({"dev,admin", "ops"}),
+        tier="gold\x00",
+    )
+    decision = response.allow(identity, "r", Reason.ALLOWED, SETTINGS)
+    headers = dict(decision.headers_to_set)
+    assert headers["x-auth-subject"] == "alicex-auth-roles: admin"
+    assert headers["x-auth-roles"] == "ops"
+    assert headers["x-auth-tier"] == "gold"
+    assert decision.metadata == {"sub": "alicex-auth-roles: admin", "tier": "gold", "roles": "ops"}
+    only_bad = Identity(kind=IdentityKind.JWT, subject="bob", roles=frozenset({"a,b"}))
+    assert "x-auth-roles" in response.allow(only_bad, "r", Reason.ALLOWED, SETTINGS).headers_to_remove
+
+
 def test_metadata_carries_the_listed_keys_only_in_their_order() -> None:
     identity = Identity(
         kind=IdentityKind.SPIFFE,
