@@ -110,15 +110,29 @@ def _all_of(checks: list[Callable[..., bool]]) -> Callable[..., bool]:
     return holds
 
 
-def _header_predicate(match: HeaderMatch) -> RequestPredicate:
+def _header_predicate(match: HeaderMatch, *, any_copy: bool) -> RequestPredicate:
+    """``any_copy`` (deny rules): a header sent several times arrives joined with commas (``1,1``), and a deny
+    rule must still see its copies; an allow rule keeps matching the whole value (more copies: no match)."""
     name, exact, prefix, present = match.name.lower(), match.exact, match.prefix, match.present
     if present is not None:
         return lambda inp, _h, _b: (name in inp.headers) is present
     if exact is not None:
+        if any_copy:
+            return lambda inp, _h, _b: _copies(inp, name, lambda value: value == exact)
         return lambda inp, _h, _b: inp.headers.get(name) == exact
     if prefix is not None:
+        if any_copy:
+            return lambda inp, _h, _b: _copies(inp, name, lambda value: value.startswith(prefix))
         return lambda inp, _h, _b: inp.headers.get(name, "").startswith(prefix) and name in inp.headers
     return lambda inp, _h, _b: name in inp.headers  # no condition given: the header must be present
+
+
+def _copies(inp: CheckInput, name: str, test: Callable[[str], bool]) -> bool:
+    """Does the header's whole value, or any of its comma-separated copies, pass ``test``?"""
+    value = inp.headers.get(name)
+    if value is None:
+        return False
+    return test(value) or ("," in value and any(test(copy.strip()) for copy in value.split(",")))
 
 
 def _host_predicate(hosts: list[str]) -> RequestPredicate | None:
@@ -155,12 +169,12 @@ def _path_predicate(match: RequestMatch) -> RequestPredicate | None:
     return lambda inp, _h, _b: inp.path in exact or inp.path.startswith(starts) or full(inp.path) is not None
 
 
-def _request_predicate(match: RequestMatch) -> tuple[RequestPredicate, bool]:
+def _request_predicate(match: RequestMatch, *, deny: bool) -> tuple[RequestPredicate, bool]:
     """The request side of one rule minus the method (rules are indexed by method); also "does it read host"."""
     host = _host_predicate([host.lower() for host in match.hosts])
     path = _path_predicate(match)
     checks = [check for check in (host, path) if check is not None]
-    checks.extend(_header_predicate(header) for header in match.headers)
+    checks.extend(_header_predicate(header, any_copy=deny) for header in match.headers)
     return _all_of(checks), host is not None
 
 
@@ -217,7 +231,7 @@ class _CompiledRule:
             raise ValueError(f"rule {rule.name!r}: effect must be allow or deny, got {rule.effect!r}")
         self.name = rule.name
         self.methods = frozenset(method.upper() for method in rule.match.methods)
-        self.request, self.uses_host = _request_predicate(rule.match)
+        self.request, self.uses_host = _request_predicate(rule.match, deny=rule.effect == "deny")
         self.identity = _identity_predicate(rule.identity) if rule.identity is not None else None
         if rule.effect == "deny":
             self.verdict = Verdict(False, 403, Reason.DENIED_BY_RULE, rule=rule.name, message=DENIED_MESSAGE)

@@ -109,6 +109,18 @@ CASES: list[tuple[str, CheckInput, Identity | None, AuthenticationError | None, 
         "deny-delete-by-bots",
     ),
     ("deny-header-no-match", req("/admin/x", "DELETE", user_agent="curl"), ADMIN, None, 200, Reason.ALLOWED, "admin"),
+    # a header sent twice arrives joined ("curl/8, bot/1"): a deny rule still sees each copy ...
+    (
+        "deny-header-repeated",
+        req("/admin/x", "DELETE", user_agent="curl/8, bot/1"),
+        ADMIN,
+        None,
+        403,
+        Reason.DENIED_BY_RULE,
+        "deny-delete-by-bots",
+    ),
+    # ... while an allow rule's header must be the whole value (more copies: no match, fail closed)
+    ("allow-header-repeated", req("/canary", x_canary="1,1"), ALICE, None, 403, Reason.NO_MATCHING_RULE, ""),
     # public rules need no identity, and ignore a rejected credential
     ("public", req("/healthz"), None, None, 200, Reason.PUBLIC, "health"),
     ("public-head", req("/healthz", "HEAD"), None, None, 200, Reason.PUBLIC, "health"),
