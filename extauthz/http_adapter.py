@@ -157,6 +157,9 @@ class _Context:
 _REQUEST_ID_LINE = b"\r\n" + REQUEST_ID_HEADER.encode() + b":"
 _ID_CHARS = bytes(range(0x20, 0x7F))  # what a request id answered from memory may hold: printable ASCII
 _ID_BLANKS = b" \t"
+# A request id answered from memory is at most this long (Envoy's own are 36-character UUIDs): a longer one takes
+# the parser's path, where the header size limit applies.
+MAX_REMEMBERED_ID_BYTES = 128
 
 
 def _request_id_line(data: bytes) -> tuple[int, int, int, int] | None:
@@ -170,7 +173,11 @@ def _request_id_line(data: bytes) -> tuple[int, int, int, int] | None:
     raw = data[start + len(_REQUEST_ID_LINE) : stop]
     value = raw.strip(_ID_BLANKS)
     value_start = stop - len(raw.lstrip(_ID_BLANKS))
-    if value.translate(None, _ID_CHARS) or data[stop + 2 : stop + 3] in (b" ", b"\t"):
+    if (
+        len(value) > MAX_REMEMBERED_ID_BYTES
+        or value.translate(None, _ID_CHARS)
+        or data[stop + 2 : stop + 3] in (b" ", b"\t")
+    ):
         return None
     return start, value_start, value_start + len(value), stop
 
@@ -230,7 +237,7 @@ def request_id_in_shape(data: bytes, shape: RequestShape) -> str | None:
     if end < len(head) or not data.startswith(head) or not data.endswith(tail):
         return None
     value = data[len(head) : end].strip(_ID_BLANKS)
-    if value.translate(None, _ID_CHARS):  # CR, LF or another character request_key keeps in the key
+    if len(value) > MAX_REMEMBERED_ID_BYTES or value.translate(None, _ID_CHARS):  # request_key keeps it in the key
         return None
     return value.decode("ascii")
 

@@ -516,8 +516,11 @@ def test_a_read_of_the_same_shape_has_the_same_key_and_its_own_id() -> None:
         envoy_request("r-\u00e92"),
         envoy_request("r-2")[:-2],  # not whole
         b"GET /x HTTP/1.1\r\n\r\n",  # shorter than the shape
+        envoy_request("r" * 129),  # longer than an id answered from memory may be: the parser and its limits
     ):
         assert request_id_in_shape(other, shape) is None, other
+    assert request_id_in_shape(envoy_request("r" * 128), shape) == "r" * 128
+    assert request_key(envoy_request("r" * 100_000)).request_id == ""  # kept in the key: never answered by memory
     assert request_shape(b"GET / HTTP/1.1\r\n\r\n", RequestKey(b"GET / HTTP/1.1\r\n\r\n", ""), *shape[2:]) is None
 
 
