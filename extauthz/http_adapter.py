@@ -403,6 +403,8 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = size
         if size > self._max_header_bytes:
             raise _HeadersTooLarge
+        if self._headers_complete:  # a chunked body's trailers: never headers the decision reads
+            return
         key = name.decode("latin-1").lower()
         headers = self._headers
         if key in headers:

@@ -98,6 +98,17 @@ async def harness() -> AsyncIterator[Harness]:
     await listener.stop(1.0)
 
 
+async def test_trailers_of_a_chunked_body_are_no_headers(harness: Harness) -> None:
+    """A credential sent only as a trailer is not a credential (Envoy sends none; other clients might)."""
+    chunked = (
+        b"POST /x HTTP/1.1\r\nHost: api.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nAuthorization: Bearer good-alice\r\n\r\n"
+    )
+    answer = await harness.exchange(chunked)
+    assert answer.status == 401
+    assert "authorization" not in harness.provider.seen[-1].headers
+
+
 async def test_allow_answers_identity_headers_and_metadata(harness: Harness) -> None:
     answer = await harness.exchange(
         request("/x?token=t", extra="Authorization: Bearer good-alice\r\nX-Request-Id: r-1\r\n")
