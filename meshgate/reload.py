@@ -131,7 +131,8 @@ class ConfigWatcher(Generic[T]):
         self._current: T | None = None
         self._seen: Fingerprint = {}
         self._lock = asyncio.Lock()
-        self._poller = Periodic(self.check_now, interval_s, f"{component}-config-watcher")
+        self._pending: Fingerprint | None = None  # a change seen by the last poll, not loaded yet (see _poll)
+        self._poller = Periodic(self._poll, interval_s, f"{component}-config-watcher")
         # Create both series at 0 so dashboards and alerts see them before the first reload.
         RELOADS.labels(component, "success")
         RELOADS.labels(component, "failure")
@@ -175,6 +176,20 @@ class ConfigWatcher(Generic[T]):
             self._mark_success()
             log.info("%s config reloaded", self.component, extra={"component": self.component})
             return True
+
+    async def _poll(self) -> bool:
+        """The background check: a change is loaded once it has held still for one interval, so a file caught
+        mid-write (truncated, then written in pieces) is not what gets served. A ConfigMap's ``..data`` swap or
+        a rename is atomic and is loaded one interval later. ``check_now`` loads at once."""
+        now = await asyncio.to_thread(fingerprint, self._paths(self._current))
+        if self._current is not None and now == self._seen:
+            self._pending = None
+            return False
+        if now != self._pending:
+            self._pending = now
+            return False
+        self._pending = None
+        return await self.check_now()
 
     async def start(self) -> None:
         """Poll in the background every ``interval_s``. Idempotent."""

@@ -253,6 +253,23 @@ async def test_background_poll_swaps_and_closes(tmp_path: Path) -> None:
     await harness.watcher.close()
 
 
+async def test_the_poll_loads_a_change_only_once_it_held_still_for_an_interval(tmp_path: Path) -> None:
+    """A policy caught mid-write (truncated, then written in pieces) must not be served: a rule missing from the
+    half-written file could turn a deny into an allow."""
+    main = tmp_path / "config.yaml"
+    main.write_text("value: 1\n")
+    harness = Harness(main)
+    harness.watcher.load_initial()
+    rewrite(main, "value: 2\n")  # the first piece of a write
+    assert await harness.watcher._poll() is False  # seen, not loaded
+    rewrite(main, "value: 23\n")  # the writer goes on
+    assert await harness.watcher._poll() is False  # changed again: wait once more
+    assert current(harness, "value") == 1 and harness.loads == 1
+    assert await harness.watcher._poll() is True  # held still for an interval: loaded
+    assert current(harness, "value") == 23
+    assert await harness.watcher._poll() is False
+
+
 async def test_poll_loop_survives_unexpected_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     main = tmp_path / "config.yaml"
     main.write_text("value: 1\n")
