@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshgate import __version__
-from meshgate.settings import LOG_LEVELS, RATELIMIT_HEADER_MODES, SERVICES, SettingsError, load_settings
+from meshgate.settings import LOG_LEVELS, RATELIMIT_HEADER_MODES, SERVICES, ServeSettings, SettingsError, load_settings
 from meshgate.yamlconf import ConfigError
 
 
@@ -51,7 +51,14 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as error:  # raised while building (e.g. a malformed --backend URL)
         print(f"meshgate: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a port in use, an address this host does not have: one line, not a traceback
+        print(f"meshgate: cannot listen on {settings.host} (ports {_ports(settings)}): {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _ports(settings: ServeSettings) -> str:
+    return f"grpc {settings.grpc_port}, http {settings.http_port}, admin {settings.admin_port}"
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -61,6 +61,22 @@ def test_serve_reads_a_settings_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert f"settings file {settings_file}:2: --grpc-port / MESHGATE_GRPC_PORT" in capsys.readouterr().err
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    policy = tmp_path / "policy.yaml"  # no issuer to fetch keys from: nothing leaves loopback
+    policy.write_text("version: 1\nrules:\n  - {name: health, public: true, match: {paths: [/healthz]}}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "extauthz", "--config", str(policy), "--grpc-port", "0", "--admin-port", "-1"]
+        assert main([*args, "--http-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"meshgate: cannot listen on 127.0.0.1 (ports grpc 0, http {port}, admin -1)" in err
+    assert "Traceback" not in err
+
+
 def test_apikey_new_prints_a_key_and_its_digest(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["apikey", "new"]) == 0
     out = capsys.readouterr().out.splitlines()
