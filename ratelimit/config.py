@@ -229,8 +229,13 @@ def config_files(directory: Path) -> list[Path]:
     """The domain files under ``directory``: sorted, hidden names skipped, each real file once."""
     found: list[Path] = []
     seen: set[str] = set()
+
     # followlinks=False: directory symlinks (a ConfigMap's ..data) are not walked, and loops cannot occur.
-    for current, dirnames, filenames in os.walk(directory, followlinks=False):
+    # A folder that cannot be listed is an error, not an empty folder: its domains would vanish without a word.
+    def unreadable(error: OSError) -> None:
+        raise ConfigError(str(error.filename or directory), 0, f"cannot read: {error.strerror or error}")
+
+    for current, dirnames, filenames in os.walk(directory, onerror=unreadable, followlinks=False):
         dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or not name.endswith(CONFIG_SUFFIXES):

@@ -532,6 +532,22 @@ def test_empty_directory_and_single_file(tmp_path: Path) -> None:
     assert single.sources == (str(tmp_path / "only.yaml"),)
 
 
+def test_a_folder_that_cannot_be_listed_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not an empty folder: its domains would vanish from a reload without a word. (Root lists everything, so the
+    walk's error is injected.)"""
+    (tmp_path / "a.yaml").write_text("domain: a\ndescriptors: []\n")
+    real_walk = os.walk
+
+    def walk(top: Any, onerror: Any = None, followlinks: bool = False) -> Any:
+        yield from real_walk(top, onerror=onerror, followlinks=followlinks)
+        onerror(PermissionError(13, "Permission denied", str(tmp_path / "b")))
+
+    monkeypatch.setattr("ratelimit.config.os.walk", walk)
+    with pytest.raises(ConfigError, match="cannot read: Permission denied") as caught:
+        load_config(tmp_path)
+    assert caught.value.source == str(tmp_path / "b")
+
+
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_bytes(b"domain: \xff\xfe\n")
     with pytest.raises(ConfigError, match="cannot read"):
