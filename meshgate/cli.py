@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         "admin_port": args.admin_port,
         "log_level": args.log_level,
         "drain_s": args.drain_seconds,
+        "shutdown_delay_s": args.shutdown_delay_seconds,
         "deadline_s": args.deadline_seconds,
         "backend": args.backend,
         "backend_timeout_s": args.backend_timeout_seconds,
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-port", type=int, help="admin HTTP port (-1 off; default 9090)")
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     serve.add_argument("--drain-seconds", type=float, help="SIGTERM grace for in-flight calls (default 5)")
+    serve.add_argument(
+        "--shutdown-delay-seconds", type=float, help="after SIGTERM, not ready but still serving this long (default 0)"
+    )
     serve.add_argument("--deadline-seconds", type=float, help="per-call budget, under Envoy's timeout (default 0.8)")
     serve.add_argument(
         "--backend",

@@ -189,11 +189,16 @@ class ServiceRuntime:
         try:
             await self._start()
             await stop.wait()
-            log.info("draining", extra={"drain_s": self.settings.drain_s})
+            log.info(
+                "draining",
+                extra={"drain_s": self.settings.drain_s, "shutdown_delay_s": self.settings.shutdown_delay_s},
+            )
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self._shutdown()
+            try:
+                await self._shutdown()  # a repeated SIGTERM/SIGINT meanwhile only sets the event again
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
         log.info("stopped")
 
     async def _start(self) -> None:
@@ -250,9 +255,12 @@ class ServiceRuntime:
             await self.health.set(name, status)
 
     async def _shutdown(self) -> None:
-        # Stage 1: everybody who asks learns we are going away, before anything stops answering.
+        # Stage 1: everybody who asks learns we are going away, before anything stops answering; for
+        # shutdown_delay_s calls are still served while load balancers catch up.
         self.readiness.start_draining()
         await self.health.enter_graceful_shutdown()
+        if self.settings.shutdown_delay_s > 0:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         # Stage 2: in-flight calls get drain_s; new ones are refused.
         grace = self.settings.drain_s
         stops: list[Awaitable[Any]] = [listener.stop(grace) for listener in self._listeners]

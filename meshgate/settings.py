@@ -37,6 +37,9 @@ class ServeSettings:
     admin_port: int = 9090  # -1 turns it off
     log_level: str = "info"
     drain_s: float = 5.0  # after SIGTERM: not-ready first, then at most this long for in-flight calls
+    # after SIGTERM, before the drain: not ready but still serving, while load balancers (Kubernetes endpoints,
+    # Envoy's health checks) stop sending; 0 drains at once
+    shutdown_delay_s: float = 0.0
     # per-call budget before failing closed: under ext_authz's timeout (1 s in envoy/*.yaml); for ratelimit only a
     # guard against a stuck call (its Redis deadline is backend_timeout_s, under the filter's 0.25 s)
     deadline_s: float = 0.8
@@ -88,6 +91,7 @@ _KINDS: dict[str, type] = {
     "admin_port": int,
     "log_level": str,
     "drain_s": float,
+    "shutdown_delay_s": float,
     "deadline_s": float,
     "reload_interval_s": float,
     "backend": str,
@@ -175,6 +179,8 @@ def _problem(name: str, value: Any) -> str | None:
         return f"--log-level: expected one of {', '.join(LOG_LEVELS)}, got {value!r}"
     if name in _POSITIVE and not value > 0:
         return f"{env_name(name)}: must be positive"
+    if name == "shutdown_delay_s" and not value >= 0:
+        return f"--shutdown-delay-seconds / {env_name(name)}: must be 0 or more"
     if name == "ratelimit_headers" and value not in RATELIMIT_HEADER_MODES:
         return f"{flag}: expected one of {', '.join(RATELIMIT_HEADER_MODES)}, got {value!r}"
     if name == "near_limit_ratio" and not 0 < value <= 1:

@@ -125,6 +125,27 @@ async def test_drain_marks_not_ready_first_and_finishes_in_flight(tmp_path: Path
         await asyncio.open_connection("127.0.0.1", runtime.admin_port)
 
 
+async def test_shutdown_delay_keeps_serving_while_not_ready(tmp_path: Path) -> None:
+    """After SIGTERM with a delay: /readyz 503 and health NOT_SERVING at once, but new calls on new connections
+    are still answered until the delay ends (Kubernetes endpoints and Envoy catch up meanwhile); then it drains."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    release.set()  # calls answer at once
+    runtime = ServiceRuntime(settings_for(tmp_path, shutdown_delay_s=1.0, drain_s=1.0))
+    runtime.add_grpc_service(SLOW, slow_service(entered, release))
+    stop = asyncio.Event()
+    task = await start(runtime, stop)
+    stop.set()
+    await asyncio.wait_for(runtime.readiness.drain_started.wait(), 10)
+    assert (await http_get(runtime.admin_port, "/readyz"))[0] == 503
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc_port}") as fresh:  # a new connection
+        assert await fresh.unary_unary(f"/{SLOW}/Wait")(b"late", timeout=5) == b"done:late"
+        health = health_pb2_grpc.HealthStub(fresh)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=SLOW), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not task.done()
+    await asyncio.wait_for(task, 10)
+
+
 async def _ready(server: asyncio.Server) -> asyncio.Server:
     return server
 

@@ -32,6 +32,11 @@ def test_flags_win_over_env_and_defaults(tmp_path: Path) -> None:
         ({"service": "extauthz", "config": ".", "admin_port": -2}, {}, "-2 is not a port"),
         ({"service": "extauthz", "config": ".", "log_level": "loud"}, {}, "--log-level"),
         ({"service": "extauthz", "config": ".", "drain_s": 0}, {}, "MESHGATE_DRAIN_S: must be positive"),
+        (
+            {"service": "extauthz", "config": "."},
+            {"MESHGATE_SHUTDOWN_DELAY_S": "-1"},
+            "--shutdown-delay-seconds / MESHGATE_SHUTDOWN_DELAY_S: must be 0 or more",
+        ),
         ({"service": "extauthz", "config": "/does/not/exist"}, {}, "does not exist"),
     ],
 )
