@@ -308,17 +308,32 @@ def run_forever(
     install_uvloop()
 
     async def main() -> None:
-        runtime = ServiceRuntime(settings, info=info)
-        await build(runtime)
         loop = asyncio.get_running_loop()
-        tuning = [loop.create_task(freeze_heap_when_started(runtime))]
-        if settings.batch_helper_threads:
-            tuning.append(loop.create_task(batch_helper_threads_while_serving(runtime.started)))
+        # Signals are ours from the first moment: a SIGTERM while build() loads the config or reaches Redis is not
+        # lost (as PID 1 in a container, a signal without a handler is ignored) and stops the process once built.
+        stop = asyncio.Event()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
         try:
-            await runtime.run()
+            runtime = ServiceRuntime(settings, info=info)
+            await build(runtime)
+            if stop.is_set():
+                log.info("stopped before serving")
+                return
+            tuning = [loop.create_task(freeze_heap_when_started(runtime))]
+            if settings.batch_helper_threads:
+                tuning.append(loop.create_task(batch_helper_threads_while_serving(runtime.started)))
+            try:
+                await runtime.run(stop, handle_signals=False)
+            finally:
+                for task in tuning:
+                    task.cancel()
         finally:
-            for task in tuning:
-                task.cancel()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
 
     asyncio.run(main())
 

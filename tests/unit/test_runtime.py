@@ -292,3 +292,44 @@ async def test_the_heap_is_frozen_once_serving_not_before() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()  # give this test process its collector back
+
+
+def test_a_sigterm_while_building_stops_the_process_once_built(tmp_path: Path) -> None:
+    """Handlers are installed before build(): as PID 1 a signal without one is ignored, and the process would
+    come up and serve after all."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "serve.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, sys
+            from pathlib import Path
+            from meshgate.log import configure_logging
+            from meshgate.runtime import run_forever
+            from meshgate.settings import ServeSettings
+
+            async def build(runtime):
+                print("building", flush=True)
+                await asyncio.sleep(1.5)  # e.g. reaching Redis
+
+            configure_logging("info")
+            settings = ServeSettings("extauthz", Path({str(tmp_path)!r}), grpc_port=0, http_port=-1, admin_port=-1)
+            run_forever(settings, build)
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path.cwd()
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "building"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped before serving" in err and '"msg":"listening"' not in err
