@@ -28,6 +28,7 @@ Within a kind, rules are tried in file order. Matching semantics:
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Iterable
 
@@ -118,11 +119,13 @@ def _header_predicate(match: HeaderMatch, *, any_copy: bool) -> RequestPredicate
         return lambda inp, _h, _b: (name in inp.headers) is present
     if exact is not None:
         if any_copy:
-            return lambda inp, _h, _b: _copies(inp, name, lambda value: value == exact)
+            is_exact: Callable[[str], bool] = exact.__eq__  # built once, not per request
+            return lambda inp, _h, _b: _copies(inp, name, is_exact)
         return lambda inp, _h, _b: inp.headers.get(name) == exact
     if prefix is not None:
         if any_copy:
-            return lambda inp, _h, _b: _copies(inp, name, lambda value: value.startswith(prefix))
+            has_prefix: Callable[[str], bool] = operator.methodcaller("startswith", prefix)
+            return lambda inp, _h, _b: _copies(inp, name, has_prefix)
         return lambda inp, _h, _b: inp.headers.get(name, "").startswith(prefix) and name in inp.headers
     return lambda inp, _h, _b: name in inp.headers  # no condition given: the header must be present
 
