@@ -106,8 +106,9 @@ class ConfigWatcher(Generic[T]):
     file it names; ``on_swap`` is awaited with each reloaded config *before* ``current`` changes: if it raises,
     the reload counts as failed and the old config stays current. It is not called by ``load_initial``.
 
-    ``load`` runs on the event loop's thread by default (it may build objects bound to the loop); pass
-    ``load_in_thread=True`` for a large, pure load. Fingerprinting (stat calls) always runs in a worker thread.
+    A reload's ``load`` runs in a worker thread, as does fingerprinting (stat calls): parsing a large policy or
+    descriptor directory takes seconds and must not stall the calls being answered. So ``load`` must not need the
+    event loop: it builds objects, and ``on_swap`` (on the loop) starts them.
     """
 
     def __init__(
@@ -119,7 +120,6 @@ class ConfigWatcher(Generic[T]):
         component: str,
         interval_s: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
-        load_in_thread: bool = False,
     ) -> None:
         self._load = load
         self._watched = watched
@@ -127,7 +127,6 @@ class ConfigWatcher(Generic[T]):
         self.component = component
         self.interval_s = interval_s
         self._wall_clock = wall_clock
-        self._load_in_thread = load_in_thread
         self._current: T | None = None
         self._seen: Fingerprint = {}
         self._lock = asyncio.Lock()
@@ -161,10 +160,7 @@ class ConfigWatcher(Generic[T]):
             if self._current is not None and now == self._seen:
                 return False
             try:
-                if self._load_in_thread:
-                    value, seen = await asyncio.to_thread(self._load_settled, self._current)
-                else:
-                    value, seen = self._load_settled(self._current)
+                value, seen = await asyncio.to_thread(self._load_settled, self._current)
                 await self._on_swap(value)
             except Exception as error:
                 # Remember the rejected version so it is reported once, not at every poll.

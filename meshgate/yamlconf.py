@@ -45,15 +45,35 @@ class LocatedList(list[Any]):
 MAX_EXPANDED_VALUES = 1_000_000
 
 
-class _Loader(yaml.SafeLoader):
+class _LocatedConstruction:
+    """What both loaders add to PyYAML's safe loading: ``Located`` results, and a tag's refusal as a ConfigError."""
+
+    name: str
+
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
-            return super().construct_object(node, deep=deep)
+            return super().construct_object(node, deep=deep)  # type: ignore[misc]
         except (ConfigError, yaml.YAMLError, RecursionError):
             raise
         except Exception:  # a tag's constructor refusing its text: `!!int x`, an int of 5,000 digits
             kind = str(node.tag).rsplit(":", 1)[-1]
             raise ConfigError(self.name, node.start_mark.line + 1, f"not a valid {kind} value") from None
+
+
+class _PythonLoader(_LocatedConstruction, yaml.SafeLoader):
+    pass
+
+
+# libyaml parses about 5x faster than the pure-Python parser (a 1.2 MB policy: 1.7 s against 9 s).
+_HAS_LIBYAML = bool(getattr(yaml, "__with_libyaml__", False))
+
+
+class _LibyamlLoader(_LocatedConstruction, yaml.CSafeLoader if _HAS_LIBYAML else yaml.SafeLoader):  # type: ignore[misc]
+    pass
+
+
+_Loader = _PythonLoader | _LibyamlLoader
+LOADER: type[_PythonLoader] | type[_LibyamlLoader] = _LibyamlLoader if _HAS_LIBYAML else _PythonLoader
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Located:
@@ -79,26 +99,27 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> LocatedList
     return result
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
-# Timestamps stay strings: callers parse the formats they accept and name the line when they can't.
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+for _cls in (_PythonLoader, _LibyamlLoader):
+    _cls.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    _cls.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+    # Timestamps stay strings: callers parse the formats they accept and name the line when they can't.
+    _cls.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
 
 def loads(text: str, source: str) -> Any:
     """Parse one YAML document from ``text``; ``source`` names it in errors."""
     loader: _Loader | None = None
     try:
-        loader = _Loader(text)  # checks the characters already
+        loader = LOADER(text)  # checks the characters already
         loader.name = source
         data = loader.get_single_data()
     except ConfigError:
         raise
     except yaml.reader.ReaderError as error:
-        line = text.count("\n", 0, max(error.position, 0)) + 1
+        line = _line_at(text, max(error.position, 0), in_bytes=isinstance(loader, _LibyamlLoader) or loader is None)
         what = f" (#x{error.character:04x})" if isinstance(error.character, int) else ""
         raise ConfigError(source, line, f"invalid YAML: {error.reason}{what}") from None
     except yaml.MarkedYAMLError as error:
@@ -107,6 +128,8 @@ def loads(text: str, source: str) -> Any:
         raise ConfigError(source, line, f"invalid YAML: {error.problem or error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(source, 0, f"invalid YAML: {error}") from None
+    except UnicodeEncodeError:  # a lone surrogate: libyaml reads UTF-8, which cannot hold one
+        raise ConfigError(source, 0, "invalid YAML: not valid Unicode text") from None
     except RecursionError:
         raise ConfigError(source, 0, "invalid YAML: nested too deeply") from None
     finally:
@@ -115,6 +138,12 @@ def loads(text: str, source: str) -> Any:
     if _expanded_size(data, {}, set()) > MAX_EXPANDED_VALUES:
         raise ConfigError(source, 0, f"over {MAX_EXPANDED_VALUES:,} values once its aliases are expanded")
     return data
+
+
+def _line_at(text: str, position: int, *, in_bytes: bool) -> int:
+    """The 1-based line of a reader error's position (libyaml counts UTF-8 bytes, PyYAML characters)."""
+    before = text.encode("utf-8", "surrogatepass")[:position] if in_bytes else text[:position].encode()
+    return before.count(b"\n") + 1
 
 
 def _expanded_size(value: Any, sizes: dict[int, int], open_: set[int]) -> int:

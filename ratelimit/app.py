@@ -95,7 +95,6 @@ class RateLimitApp:
             on_swap=self._on_swap,
             component="ratelimit",
             interval_s=reload_interval_s,
-            load_in_thread=True,  # a pure parse; a large descriptor dir must not stall the event loop
         )
         self.service = RateLimitService(
             lambda: self.watcher.current,

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -286,29 +287,38 @@ def _cache_key(issuer: JwtIssuer) -> tuple[Any, ...]:
 
 
 class JwksRegistry:
-    """JWKS caches shared across policy reloads, keyed by what determines their keys."""
+    """JWKS caches shared across policy reloads, keyed by what determines their keys.
+
+    A reload builds its pipeline in a worker thread (``get_or_create``) while the event loop may be releasing
+    caches (``retain``), hence the lock.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._caches: dict[tuple[Any, ...], JwksCache] = {}
+        self._lock = threading.Lock()
 
     def get_or_create(self, issuer: JwtIssuer) -> JwksCache:
         key = _cache_key(issuer)
-        cache = self._caches.get(key)
-        if cache is None:
-            cache = self._caches[key] = JwksCache(issuer, self._clock)
-        return cache
+        with self._lock:
+            cache = self._caches.get(key)
+            if cache is None:
+                cache = self._caches[key] = JwksCache(issuer, self._clock)
+            return cache
 
     def caches(self) -> list[JwksCache]:
-        return list(self._caches.values())
+        with self._lock:
+            return list(self._caches.values())
 
     async def retain(self, used: Iterable[JwksCache]) -> None:
         """Close and forget every cache not in ``used`` (call after a reload swapped in a new policy)."""
         keep = {id(cache) for cache in used}
-        for key, cache in list(self._caches.items()):
-            if id(cache) not in keep:
+        with self._lock:
+            unused = [(key, cache) for key, cache in self._caches.items() if id(cache) not in keep]
+            for key, _ in unused:
                 del self._caches[key]
-                await cache.close()
+        for _, cache in unused:
+            await cache.close()
 
     async def close(self) -> None:
         await self.retain(())

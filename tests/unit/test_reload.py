@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def metric(name: str, **labels: str) -> float:
 class Harness:
     """Loads ``{value: int, extra: optional path}`` from ``main`` and records every swap."""
 
-    def __init__(self, main: Path, *, watch_dir: Path | None = None, in_thread: bool = False) -> None:
+    def __init__(self, main: Path, *, watch_dir: Path | None = None) -> None:
         self.main = main
         self.watch_dir = watch_dir
         self.swapped: list[dict[str, object]] = []
@@ -37,7 +38,6 @@ class Harness:
             component=self.component,
             interval_s=0.01,
             wall_clock=lambda: 42.0,
-            load_in_thread=in_thread,
         )
 
     def load(self) -> dict[str, object]:
@@ -75,11 +75,10 @@ def rewrite(path: Path, text: str) -> None:
         os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
 
 
-@pytest.mark.parametrize("in_thread", [False, True])
-async def test_initial_load_then_edit_is_swapped_in(tmp_path: Path, in_thread: bool) -> None:
+async def test_initial_load_then_edit_is_swapped_in(tmp_path: Path) -> None:
     main = tmp_path / "config.yaml"
     main.write_text("value: 1\n")
-    harness = Harness(main, in_thread=in_thread)
+    harness = Harness(main)
     assert harness.watcher.load_initial()["value"] == 1
     assert current(harness, "value") == 1
     assert harness.metric("meshgate_config_last_reload_success") == 1
@@ -92,6 +91,30 @@ async def test_initial_load_then_edit_is_swapped_in(tmp_path: Path, in_thread: b
     assert harness.swapped == [harness.watcher.current]
     assert harness.metric("meshgate_config_reloads_total", result="success") == 1
     assert await harness.watcher.check_now() is False
+
+
+async def test_a_reload_loads_off_the_event_loop_which_keeps_running(tmp_path: Path) -> None:
+    """A large policy takes seconds to parse: the load waits for the loop to run a callback, which it could not do
+    if the load blocked the loop."""
+    main = tmp_path / "config.yaml"
+    main.write_text("value: 1\n")
+    harness = Harness(main)
+    harness.watcher.load_initial()
+    loading, loop_ran = threading.Event(), threading.Event()
+    plain_load = harness.load
+
+    def slow_load() -> dict[str, object]:
+        loading.set()
+        assert loop_ran.wait(timeout=10), "the event loop did not run while the config loaded"
+        return plain_load()
+
+    harness.watcher._load = slow_load
+    rewrite(main, "value: 2\n")
+    reload = asyncio.create_task(harness.watcher.check_now())
+    assert await asyncio.to_thread(loading.wait, 10)
+    loop_ran.set()  # only reachable while the load is in progress
+    assert await reload is True
+    assert current(harness, "value") == 2
 
 
 async def test_bad_config_keeps_the_last_good_then_a_good_one_swaps_in(
