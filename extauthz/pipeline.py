@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 
 from extauthz import response
 from extauthz.config import ResponseSettings
-from extauthz.identity.base import IdentityProvider, RefreshNeeded
+from extauthz.identity.base import WITHDRAWALS, IdentityProvider, RefreshNeeded
 from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, Reason
 from extauthz.policy_api import CompiledPolicy
 
@@ -56,6 +56,7 @@ class RememberedRequest(NamedTuple):
     valid_until: float
     inp: CheckInput
     decision: Decision
+    withdrawals: int  # WITHDRAWALS.count when it was decided
 
 
 class NullObserver:
@@ -91,7 +92,7 @@ class Pipeline:
         self._cache_enabled = all(names is not None for names in declared)
         self._key_headers = tuple(sorted({name for names in declared if names is not None for name in names}))
         self._key_query = any(getattr(provider, "reads_query", True) for provider in self.providers)
-        self._decisions: dict[tuple[str | None, ...], tuple[Decision, float]] = {}
+        self._decisions: dict[tuple[str | None, ...], tuple[Decision, float, int]] = {}
         # Whole requests a transport remembered: only sound when the request id cannot change the decision.
         self._remembers_requests = self._cache_enabled and REQUEST_ID_HEADER not in self._key_headers
         self._requests: dict[Hashable, RememberedRequest] = {}
@@ -158,7 +159,7 @@ class Pipeline:
         try:
             key = self._cache_key(inp) if self._cache_enabled else None
             cached = self._decisions.get(key) if key is not None else None
-            if cached is not None and cached[1] > self._wall_clock():
+            if cached is not None and cached[1] > self._wall_clock() and cached[2] == WITHDRAWALS.count:
                 decision = cached[0]
             else:
                 decision = self._decide(inp)
@@ -195,7 +196,7 @@ class Pipeline:
             return
         if len(self._decisions) >= DECISION_CACHE_SIZE:
             self._decisions.clear()  # cheaper than LRU bookkeeping per call; hot requests come back at once
-        self._decisions[key] = (decision, self._valid_until(decision))
+        self._decisions[key] = (decision, self._valid_until(decision), WITHDRAWALS.count)
 
     def remember_request(self, key: Hashable, inp: CheckInput, decision: Decision, answer: bytes) -> None:
         """Let a transport answer this request again with ``answer`` without parsing it (allows only).
@@ -207,7 +208,7 @@ class Pipeline:
             return
         if len(self._requests) >= REQUEST_CACHE_SIZE:
             self._requests.clear()
-        self._requests[key] = RememberedRequest(answer, self._valid_until(decision), inp, decision)
+        self._requests[key] = RememberedRequest(answer, self._valid_until(decision), inp, decision, WITHDRAWALS.count)
 
     def recall(self, key: Hashable) -> RememberedRequest | None:
         """The request remembered under ``key`` while its allow is valid. The transport answers with its
@@ -219,8 +220,9 @@ class Pipeline:
         return entry
 
     def still_valid(self, entry: RememberedRequest) -> bool:
-        """Whether ``entry``, which ``recall`` gave earlier, may still answer its request (its allow is valid)."""
-        return entry.valid_until > self._wall_clock()
+        """Whether ``entry``, which ``recall`` gave earlier, may still answer its request: its allow has not run
+        out and no credential was withdrawn since (a rotated-out signing key stops its tokens at once)."""
+        return entry.valid_until > self._wall_clock() and entry.withdrawals == WITHDRAWALS.count
 
     def record_recall(self, entry: RememberedRequest, request_id: str, elapsed_s: float) -> None:
         """Record a recalled answer as this request's decision, with the next batch (``record_recalled``)."""

@@ -19,6 +19,24 @@ class RefreshNeeded(Exception):
         self.refresh = refresh
 
 
+class Withdrawals:
+    """Counts credentials withdrawn while the same policy serves, e.g. a signing key gone from its issuer's JWKS.
+
+    Allows remembered before a withdrawal are decided afresh: the pipeline keeps the count it saw with each one.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def record(self) -> None:
+        self.count += 1
+
+
+WITHDRAWALS = Withdrawals()
+
+
 class IdentityProvider(Protocol):
     kind: IdentityKind
     # Everything of the request this provider reads, besides ``source_principal``: the pipeline's decision cache

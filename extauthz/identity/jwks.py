@@ -25,6 +25,7 @@ import jwt
 from prometheus_client import Counter, Gauge
 
 from extauthz.config import JwtIssuer
+from extauthz.identity.base import WITHDRAWALS
 from meshgate.log import redact_url
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class _Key:
 
     default: jwt.PyJWK
     by_alg: dict[str, jwt.PyJWK] = field(default_factory=dict)
+    source: str = ""  # the JWK as canonical JSON: the same key in the next fetch is this very object again
 
     def for_alg(self, alg: str) -> jwt.PyJWK:
         # Unfit algorithm: hand back the default key and let pyjwt reject the mismatch as an invalid token.
@@ -64,6 +66,20 @@ class _KeySet:
     @property
     def size(self) -> int:
         return len(self.by_kid) if self.sole is None else max(len(self.by_kid), 1)
+
+    def keeping(self, old: _KeySet) -> _KeySet:
+        """This set with every key that ``old`` held unchanged replaced by ``old``'s object for it, so that what
+        was verified with it (the token cache checks keys by identity) stays good across refreshes."""
+        known = {key.source: key for key in (*old.by_kid.values(), *([old.sole] if old.sole else []))}
+        by_kid = {kid: known.get(key.source, key) for kid, key in self.by_kid.items()}
+        sole = known.get(self.sole.source, self.sole) if self.sole is not None else None
+        return _KeySet(by_kid, sole)
+
+    def withdraws_from(self, old: _KeySet) -> bool:
+        """Whether a token that ``old`` verified may find no key, or another key, here."""
+        if old.sole is not None and self.sole is not old.sole:
+            return True
+        return any(self.by_kid.get(kid) is not key for kid, key in old.by_kid.items())
 
 
 _EMPTY = _KeySet({}, None)
@@ -81,7 +97,7 @@ def parse_jwks(document: Any, algorithms: Iterable[str], issuer: str = "") -> _K
             continue
         kid = raw.get("kid")
         try:
-            key = _Key(jwt.PyJWK(raw))
+            key = _Key(jwt.PyJWK(raw), source=json.dumps(raw, sort_keys=True))
         except (jwt.PyJWTError, ValueError, TypeError, KeyError) as error:
             log.warning("skipping unusable JWKS key kid=%r of issuer %s: %s", kid, issuer, error)
             continue
@@ -208,6 +224,9 @@ class JwksCache:
             log.warning("JWKS fetch for issuer %s failed (%s); keeping %d cached keys", label, error, self._keys.size)
             return False
         self._jwks_uri = uri
+        keys = keys.keeping(self._keys)
+        if keys.withdraws_from(self._keys):
+            WITHDRAWALS.record()  # allows remembered on a withdrawn key must not be reused
         self._keys = keys
         self._max_age = max_age
         self._consecutive_failures = 0

@@ -307,6 +307,28 @@ def test_key_rotation_and_issuer_outage(stack: Stack) -> None:
         stack.jwks.up()
 
 
+def test_repeated_identical_requests_follow_a_key_withdrawn_from_the_jwks(stack: Stack) -> None:
+    """Allows are remembered (the decision cache, and whole requests in HTTP mode) for up to a minute: a signing
+    key the issuer stops serving must stop its tokens from the refresh that drops it, not a minute later."""
+    leaving, arriving = generate_ec_key("ec-leaving"), generate_ec_key("ec-arriving")
+    stack.jwks.rotate([stack.key, leaving])
+    time.sleep(0.6)  # refetches on an unknown kid are rate limited (min_refetch_interval_seconds: 0.5)
+    request = bearer(stack.token(key=leaving, sub="dora"))
+    try:
+        for mode in MODES:
+            for _ in range(5):
+                assert get(stack.envoy_ports[mode], "/orders", request)[0] == 200
+        stack.jwks.rotate([stack.key, arriving])
+        time.sleep(0.6)
+        # A token of the new key makes meshgate fetch the key set, which no longer holds the leaving key.
+        assert get(stack.envoy_ports["grpc"], "/orders", bearer(stack.token(key=arriving)))[0] == 200
+        for mode in MODES:
+            status, _, body = get(stack.envoy_ports[mode], "/orders", request)
+            assert (status, body["error"]["code"]) == (401, "unknown_key"), mode
+    finally:
+        stack.jwks.rotate([stack.key])
+
+
 def test_bad_policy_is_rejected_and_the_old_one_keeps_serving(stack: Stack) -> None:
     port = stack.envoy_ports["grpc"]
     assert get(port, "/orders", bearer(stack.token()))[0] == 200

@@ -507,7 +507,7 @@ def test_request_key_takes_out_the_lower_case_request_id_line_only() -> None:
 def _shape_of(data: bytes) -> RequestShape:
     key = request_key(data)
     assert key is not None
-    entry = RememberedRequest(b"answer", 0.0, None, None)  # type: ignore[arg-type]  # only compared
+    entry = RememberedRequest(b"answer", 0.0, None, None, 0)  # type: ignore[arg-type]  # only compared
     shape = request_shape(data, key, entry, None)  # type: ignore[arg-type]
     assert shape is not None
     return shape

@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from extauthz.config import JwtIssuer
+from extauthz.identity.base import WITHDRAWALS
 from extauthz.identity.jwks import JwksCache, JwksFetchError, JwksRegistry, max_age_of, parse_jwks
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.signing import SigningKey, generate_ec_key, generate_rsa_key, public_jwk
@@ -171,6 +172,29 @@ async def test_refetch_is_rate_limited(server: JwksServer, key1: SigningKey, key
     await cache.refetch_for_unknown_kid()
     assert server.jwks_fetches == 2
     assert cache.key_for("k2") is not None
+
+
+async def test_a_refresh_keeps_unchanged_keys_and_counts_only_withdrawals(
+    server: JwksServer, key1: SigningKey, key2: SigningKey
+) -> None:
+    """Unchanged keys stay the same objects across fetches (tokens they verified stay cached); a key that leaves
+    the set, or a sole key that stops being the sole one (tokens without a kid), is a withdrawal."""
+    cache = JwksCache(issuer_for(server), FakeClock())
+    assert await cache.refresh()
+    first, before = cache.key_for("k1"), WITHDRAWALS.count
+    assert await cache.refresh()
+    assert cache.key_for("k1") is first
+    assert cache.key_for(None) is first  # the sole key serves tokens without a kid
+    server.rotate([key1, key2])  # added: k1 stays, but is no longer the only key
+    assert await cache.refresh()
+    assert cache.key_for("k1") is first
+    assert WITHDRAWALS.count == before + 1
+    assert await cache.refresh()
+    assert WITHDRAWALS.count == before + 1  # nothing changed
+    server.rotate([key2])
+    assert await cache.refresh()
+    assert cache.key_for("k1") is None
+    assert WITHDRAWALS.count == before + 2
 
 
 async def test_concurrent_refetches_share_one_fetch(server: JwksServer) -> None:
