@@ -19,6 +19,7 @@ from meshgate.redis import URL_SCHEMES
 from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
 from meshgate.settings import ServeSettings, SettingsError
+from meshgate.yamlconf import ConfigError
 from ratelimit import metrics
 from ratelimit.admin import BackendProbe, build_router
 from ratelimit.backends.base import CounterBackend
@@ -112,6 +113,15 @@ class RateLimitApp:
         return self.service
 
     async def _on_swap(self, new: RateLimitConfig) -> None:
+        if not new.domains and self.watcher.current.domains:
+            # Every file gone at once is far likelier a botched ConfigMap or volume than a wish to lift every limit
+            # (which a file with a domain and no descriptors still says on purpose).
+            raise ConfigError(
+                str(self.path),
+                0,
+                "no domain left (every descriptor file is gone); to lift every limit on purpose, "
+                "keep a file with a domain and no descriptors",
+            )
         metrics.CONFIG_DOMAINS.set(len(new.domains))
 
     async def start(self) -> None:

@@ -241,6 +241,26 @@ async def test_app_reload_swaps_config_and_keeps_counters(tmp_path: Path) -> Non
         await app.close()
 
 
+async def test_a_reload_that_leaves_no_domain_keeps_the_last_good_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every file gone at once (a botched ConfigMap) would lift every limit: refused; a domain without descriptors
+    says it on purpose and is taken."""
+    (tmp_path / "shop.yaml").write_text(CONFIG)
+    app = rl_app.RateLimitApp(tmp_path, rl_app.make_backend("memory", timeout_s=0.1), reload_interval_s=60)
+    await app.start()
+    try:
+        (tmp_path / "shop.yaml").unlink()
+        assert not await app.watcher.check_now()
+        assert list(app.config().domains) == ["shop"]
+        assert "no domain left" in caplog.text
+        (tmp_path / "shop.yaml").write_text("domain: shop\ndescriptors: []\n")
+        assert await app.watcher.check_now()
+        assert app.config().lookup("shop", (Entry("user", "a"),)) is None
+    finally:
+        await app.close()
+
+
 async def test_build_ratelimit_registers_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "shop.yaml").write_text(CONFIG)
     settings = ServeSettings(
