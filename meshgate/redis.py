@@ -36,7 +36,9 @@ from urllib.parse import parse_qsl, unquote
 from redis.asyncio import Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from meshgate.log import redact_url
 from meshgate.resp import Address, RespClient, checked_timeout
@@ -245,6 +247,30 @@ class RedisTarget:
         return f"RedisTarget({self.kind}, {self.url})"
 
 
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel, whose discovery error names each sentinel by its address and what went wrong.
+
+    redis-py's own names each by its client's repr: ~1.5 kB of connection options per sentinel, hiding the cause,
+    and in redis-py 6.2 to 7.x with the sentinel password in clear text (redis/redis-py#3993)."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        failures: list[str] = []
+        for index, sentinel in enumerate(self.sentinels):
+            options = sentinel.connection_pool.connection_kwargs
+            where = f"{options.get('host')}:{options.get('port')}"
+            try:  # Any: redis-py 8.x types the reply as a dict or a list (RESP3), older ones leave it untyped
+                masters: Any = await sentinel.sentinel_masters()
+            except (RedisError, OSError) as error:
+                failures.append(f"{where}: {type(error).__name__}: {error}")
+                continue
+            state = masters.get(service_name)
+            if state and self.check_master_state(state, service_name):
+                self.sentinels[0], self.sentinels[index] = sentinel, self.sentinels[0]  # ask this one first next time
+                return str(state["ip"]), int(state["port"])
+            failures.append(f"{where}: {'not a healthy master' if state else 'not monitored'}")
+        raise MasterNotFoundError(f"no master {service_name!r} from the sentinels ({'; '.join(failures)})")
+
+
 def _tls_kwargs(parsed: RedisUrl) -> dict[str, Any]:
     if not parsed.tls:
         return {}
@@ -320,7 +346,7 @@ def connect(url: str, *, timeout_s: float) -> RedisTarget:
             **_tls_kwargs(parsed),
         }
         # Any: redis-py before 8 leaves Sentinel.__init__ untyped, 8.x types it (no ignore fits both)
-        sentinel_type: Any = Sentinel
+        sentinel_type: Any = _Sentinel
         sentinel = sentinel_type(list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, db=parsed.db, **common)
         client = sentinel.master_for(parsed.master)
 

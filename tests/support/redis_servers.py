@@ -9,6 +9,8 @@ several test modules can import them and still talk to the same servers:
 - ``redis_standalone_url`` -> ``redis://127.0.0.1:PORT``
 - ``redis_cluster_url``    -> ``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3``
 - ``redis_sentinel_url``   -> ``redis+sentinel://127.0.0.1:S1/mymaster``
+- ``redis_cluster_tls`` / ``redis_sentinel_tls``: the same topologies on TLS only, every server requiring a client
+  certificate (mutual TLS) and a password; ``url`` is ``rediss+cluster://`` / ``rediss+sentinel://`` with the files.
 
 Tests that kill or reconfigure a server start their own ``RedisServer`` (see ``stop()`` / ``start()``).
 ``paused()`` hangs one (SIGSTOP) for a block, for tests of deadlines.
@@ -45,11 +47,42 @@ _SENTINEL_READY = r"Sentinel ID is"
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """Server-side TLS material; clients verify against ``ca``."""
+    """Server-side TLS material; clients verify against ``ca``.
+
+    A server on TLS listens on TLS only, so its replication links and Cluster bus (and a sentinel's links to the
+    master and replicas) use TLS too. ``client_cert``/``client_key``: the certificate the server presents on those
+    outgoing links (and ``RedisServer.client()`` on its own); ``auth_clients="yes"`` makes every client present one
+    signed by ``ca`` (mutual TLS; the outgoing links then need ``client_cert``)."""
 
     cert: Path
     key: Path
     ca: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    auth_clients: str = "optional"
+
+    @classmethod
+    def issue(cls, ca: TestCA, *, auth_clients: str = "optional") -> TlsFiles:
+        """A server certificate for 127.0.0.1 and a client certificate, both from ``ca``."""
+        server = ca.server("redis-server")
+        client = ca.spiffe_client("spiffe://test/redis/peer", stem="redis-peer")
+        return cls(server.cert, server.key, ca.ca_file, client.cert, client.key, auth_clients)
+
+    def settings(self, port: int) -> list[tuple[str, str]]:
+        """redis-server settings (name, value): TLS only on ``port``, for clients, replication and the Cluster bus."""
+        pairs = [("port", "0"), ("tls-port", str(port)), ("tls-cert-file", str(self.cert))]
+        pairs += [("tls-key-file", str(self.key)), ("tls-ca-cert-file", str(self.ca))]
+        pairs += [("tls-auth-clients", self.auth_clients), ("tls-replication", "yes"), ("tls-cluster", "yes")]
+        if self.client_cert is not None and self.client_key is not None:
+            pairs += [("tls-client-cert-file", str(self.client_cert)), ("tls-client-key-file", str(self.client_key))]
+        return pairs
+
+    def query(self) -> str:
+        """The URL options that reach a server with these files: the CA, and the client certificate if it has one."""
+        options = f"ca_cert={self.ca}"
+        if self.client_cert is not None and self.client_key is not None:
+            options += f"&cert={self.client_cert}&key={self.client_key}"
+        return options
 
 
 def _wait_until(check: Any, what: str, timeout: float = START_TIMEOUT) -> Any:
@@ -91,7 +124,8 @@ class RedisServer:
     def command(self) -> list[str]:
         if self.sentinel_config is not None:
             conf = self.dir / "sentinel.conf"  # sentinel rewrites its config file: it must be writable
-            lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", *self.sentinel_config]
+            ports = [f"{name} {value}" for name, value in self.tls.settings(self.port)] if self.tls else []
+            lines = [*(ports or [f"port {self.port}"]), "bind 127.0.0.1", f"dir {self.dir}", *self.sentinel_config]
             if self.password is not None:
                 lines.append(f"requirepass {self.password}")  # the sentinel's own password
             conf.write_text("\n".join(lines) + "\n")
@@ -103,9 +137,7 @@ class RedisServer:
         if self.tls is None:
             cmd += ["--port", str(self.port)]
         else:
-            cmd += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert)]
-            cmd += ["--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca)]
-            cmd += ["--tls-auth-clients", "optional"]
+            cmd += [arg for name, value in self.tls.settings(self.port) for arg in (f"--{name}", value)]
         if self.password is not None:
             cmd += ["--requirepass", self.password]
         return cmd + self.extra_args
@@ -167,13 +199,15 @@ class RedisServer:
         auth = f":{self.password}@" if self.password is not None else ""
         if self.tls is None:
             return f"redis://{auth}127.0.0.1:{self.port}"
-        return f"rediss://{auth}127.0.0.1:{self.port}?ca_cert={self.tls.ca}"
+        return f"rediss://{auth}127.0.0.1:{self.port}?{self.tls.query()}"
 
     def client(self) -> redis.Redis:
         """A synchronous admin client (INFO, CONFIG, SCRIPT FLUSH, ...) for assertions."""
         tls: dict[str, Any] = {}
         if self.tls is not None:
             tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
+            if self.tls.client_cert is not None:
+                tls |= {"ssl_certfile": str(self.tls.client_cert), "ssl_keyfile": str(self.tls.client_key)}
         return redis.Redis(port=self.port, password=self.password, socket_timeout=5.0, **tls)
 
     def __enter__(self) -> RedisServer:
@@ -208,16 +242,19 @@ def redis_tls(tmp_path: Path) -> Iterator[tuple[RedisServer, TestCA]]:
 
 
 class RedisCluster:
-    """Three masters, no replicas, every slot covered; ``url`` lists all three nodes."""
+    """Three masters, no replicas, every slot covered; ``url`` lists all three nodes. With ``tls`` every node (and
+    the Cluster bus) is on TLS only, and CLUSTER SLOTS names the TLS ports."""
 
-    def __init__(self, masters: int = 3, *, password: str | None = None) -> None:
+    def __init__(self, masters: int = 3, *, password: str | None = None, tls: TlsFiles | None = None) -> None:
         self.password = password
+        self.tls = tls
         # explicit bus ports: the default (port + 10000) overflows for high ephemeral ports
         self.bus_ports = [free_port() for _ in range(masters)]
         self.nodes = [
             RedisServer(
                 name=f"redis-cluster{i}",
                 password=password,
+                tls=tls,
                 extra_args=[
                     *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
                     *("--cluster-node-timeout", "3000", "--cluster-port", str(bus)),
@@ -263,7 +300,9 @@ class RedisCluster:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        scheme = "redis+cluster" if self.tls is None else "rediss+cluster"
+        query = "" if self.tls is None else f"?{self.tls.query()}"
+        return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes) + query
 
     def __enter__(self) -> RedisCluster:
         return self.start()
@@ -275,7 +314,8 @@ class RedisCluster:
 
 
 class RedisSentinel:
-    """A master, one replica, and 1 (or 3) sentinels monitoring it as ``mymaster``."""
+    """A master, one replica, and 1 (or 3) sentinels monitoring it as ``mymaster``. With ``tls`` every one of them
+    is on TLS only: clients, replication and the sentinels' links to the master and replica."""
 
     MASTER_NAME = "mymaster"
 
@@ -286,17 +326,19 @@ class RedisSentinel:
         password: str | None = None,
         sentinel_password: str | None = None,
         down_after_ms: int = 1000,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.password = password  # the master's and replica's
+        self.tls = tls
         self.sentinel_password = sentinel_password  # the sentinels' own (URL option sentinel_password)
         # no diskless-sync delay (5 s by default): the replica syncs at once
         self.master = RedisServer(
-            name="redis-master", password=password, extra_args=["--repl-diskless-sync-delay", "0"]
+            name="redis-master", password=password, tls=tls, extra_args=["--repl-diskless-sync-delay", "0"]
         )
         replica_args = ["--replicaof", "127.0.0.1", str(self.master.port)]
         if password is not None:
             replica_args += ["--masterauth", password]
-        self.replica = RedisServer(name="redis-replica", password=password, extra_args=replica_args)
+        self.replica = RedisServer(name="redis-replica", password=password, tls=tls, extra_args=replica_args)
         lines = [
             f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} {sentinels // 2 + 1}",
             f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
@@ -306,7 +348,7 @@ class RedisSentinel:
         if password is not None:
             lines.append(f"sentinel auth-pass {self.MASTER_NAME} {password}")
         self.sentinels = [
-            RedisServer(name=f"redis-sentinel{i}", password=sentinel_password, sentinel_config=lines)
+            RedisServer(name=f"redis-sentinel{i}", password=sentinel_password, tls=tls, sentinel_config=lines)
             for i in range(sentinels)
         ]
 
@@ -346,8 +388,12 @@ class RedisSentinel:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password is not None else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        options = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password is not None else ""
-        return f"redis+sentinel://{auth}{hosts}/{self.MASTER_NAME}{options}"
+        options = [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password is not None else []
+        if self.tls is not None:
+            options.append(self.tls.query())
+        scheme = "redis+sentinel" if self.tls is None else "rediss+sentinel"
+        query = "?" + "&".join(options) if options else ""
+        return f"{scheme}://{auth}{hosts}/{self.MASTER_NAME}{query}"
 
     def __enter__(self) -> RedisSentinel:
         return self.start()
@@ -412,6 +458,32 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@contextlib.contextmanager
+def _tls_files() -> Iterator[TlsFiles]:
+    """A fresh test CA in a temp folder (removed after the block), with a server and a client certificate; servers
+    on these files require the client certificate (mutual TLS)."""
+    with tempfile.TemporaryDirectory(prefix="meshgate-redis-pki-") as folder:
+        yield TlsFiles.issue(TestCA(Path(folder)), auth_clients="yes")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_tls() -> Iterator[RedisCluster]:
+    """A 3-master Cluster on TLS only (its bus too), mutual TLS, password ``c1uster-pw``; stopped after the session.
+    ``url`` carries the CA and the client certificate; ``tls`` has the files."""
+    _require_redis()
+    with _tls_files() as tls, RedisCluster(password="c1uster-pw", tls=tls) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_tls() -> Iterator[RedisSentinel]:
+    """Master, replica and one sentinel on TLS only (replication and the sentinel's links too), mutual TLS; the
+    master and replica require ``m4ster-pw``, the sentinel ``s3ntinel-pw``. Stopped after the session."""
+    _require_redis()
+    with _tls_files() as tls, RedisSentinel(password="m4ster-pw", sentinel_password="s3ntinel-pw", tls=tls) as made:
+        yield made
+
+
 @pytest.fixture(scope="session")
 def redis_standalone_url(redis_standalone: RedisServer) -> str:
     return redis_standalone.url
@@ -440,8 +512,10 @@ __all__ = [
     "TlsFiles",
     "command_calls",
     "redis_cluster",
+    "redis_cluster_tls",
     "redis_cluster_url",
     "redis_sentinel",
+    "redis_sentinel_tls",
     "redis_sentinel_url",
     "redis_standalone",
     "redis_standalone_url",
