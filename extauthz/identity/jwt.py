@@ -11,25 +11,22 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import unquote_plus
 
 import jwt
 from cachetools import TLRUCache
 from prometheus_client import Counter
 
-from extauthz.config import ClaimMapping, JwtIssuer, JwtSettings, TokenSource
+from extauthz.config import JwtIssuer, JwtSettings
 from extauthz.identity.base import RefreshNeeded
 from extauthz.identity.jwks import JwksCache, JwksRegistry
+from extauthz.identity.tokens import MAX_TOKEN_BYTES, TokenFinder, check_times, map_claims
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
-
-MAX_TOKEN_BYTES = 16 * 1024
 
 _TOKEN_CACHE = Counter("meshgate_token_cache_total", "Verified-token cache lookups", ["result"])
 _CACHE_HIT = _TOKEN_CACHE.labels("hit")
@@ -76,32 +73,6 @@ def _b64json(segment: str) -> Any:
     return json.loads(raw)
 
 
-def claim_at(claims: Mapping[str, Any], path: str) -> Any:
-    """The value at a dot-separated claim path (``realm_access.roles``), or None."""
-    value: Any = claims
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
-
-
-def _strings(value: Any, *, split: bool) -> list[str]:
-    if isinstance(value, str):
-        return value.split() if split else [value] if value else []
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, str) and item]
-    return []
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return ""
-
-
 class JwtProvider:
     kind = IdentityKind.JWT
 
@@ -128,15 +99,9 @@ class JwtProvider:
                 secret=secret.encode(),
                 keys=self._registry.get_or_create(issuer) if uses_keys else None,
             )
-        self._sources = tuple(
-            TokenSource(header=s.header.lower(), prefix=s.prefix.lower(), cookie=s.cookie, query=s.query)
-            for s in settings.sources
-        )
-        self.request_headers = frozenset(
-            {source.header for source in self._sources if source.header}
-            | ({"cookie"} if any(source.cookie for source in self._sources) else set())
-        )
-        self.reads_query = any(source.query for source in self._sources)
+        self._tokens = TokenFinder(settings.sources)
+        self.request_headers = self._tokens.request_headers
+        self.reads_query = self._tokens.reads_query
         self._leeway = float(settings.leeway_s)
         self._cache: TLRUCache[bytes, _Cached] = TLRUCache(
             maxsize=max(settings.cache_size, 1), ttu=lambda _key, value, _now: value.exp, timer=clock
@@ -157,31 +122,8 @@ class JwtProvider:
             await self._registry.close()
 
     # -- request path ----------------------------------------------------------------------------------------
-    def find_token(self, inp: CheckInput) -> tuple[str, str] | None:
-        """(token, header it came from or "") from the first configured source that has one."""
-        headers = inp.headers
-        for source in self._sources:
-            if source.header:
-                value = headers.get(source.header)
-                if value is None:
-                    continue
-                if source.prefix:
-                    if value[: len(source.prefix)].lower() != source.prefix:
-                        continue  # another scheme (Basic, ApiKey): not ours
-                    value = value[len(source.prefix) :]
-                return value.strip(), source.header
-            if source.cookie:
-                token = _cookie(headers.get("cookie", ""), source.cookie)
-                if token is not None:
-                    return token, ""
-            elif source.query:
-                token = _query_param(inp.query, source.query)
-                if token is not None:
-                    return token, ""
-        return None
-
     def authenticate(self, inp: CheckInput) -> Identity | None:
-        found = self.find_token(inp)
+        found = self._tokens.find(inp)
         if found is None:
             return None
         token, header = found
@@ -256,56 +198,26 @@ class JwtProvider:
         return claims, self._check_times(claims), verified_by
 
     def _check_times(self, claims: Mapping[str, Any]) -> float:
-        now, leeway = self._clock(), self._leeway
-        exp = _number(claims, "exp")
+        exp = check_times(claims, self._clock(), self._leeway)
         if exp is None:
             raise _invalid("token lacks the 'exp' claim")
-        if exp <= now - leeway:
-            raise AuthenticationError(Reason.TOKEN_EXPIRED, "token has expired")
-        nbf = _number(claims, "nbf")
-        if nbf is not None and nbf > now + leeway:
-            raise AuthenticationError(Reason.TOKEN_NOT_YET_VALID, "token is not valid yet")
-        iat = _number(claims, "iat")
-        if iat is not None and iat > now + leeway:
-            raise AuthenticationError(Reason.TOKEN_NOT_YET_VALID, "token was issued in the future")
         return exp
 
     def _identity(self, claims: dict[str, Any], header: str) -> Identity:
-        mapping: ClaimMapping = self.settings.claims
-        subject = _scalar(claim_at(claims, mapping.subject))
-        if not subject:
+        mapped = map_claims(claims, self.settings.claims)
+        if not mapped.subject:
             raise _invalid("token has no subject")
-        roles: set[str] = set()
-        for path in mapping.roles:
-            roles.update(_strings(claim_at(claims, path), split=False))
-        scopes: set[str] = set()
-        for path in mapping.scopes:
-            scopes.update(_strings(claim_at(claims, path), split=True))
         return Identity(
             kind=IdentityKind.JWT,
-            subject=subject,
+            subject=mapped.subject,
             issuer=claims["iss"],
-            roles=frozenset(roles),
-            scopes=frozenset(scopes),
-            tier=_scalar(claim_at(claims, mapping.tier)) if mapping.tier else "",
+            roles=mapped.roles,
+            scopes=mapped.scopes,
+            tier=mapped.tier,
             claims=MappingProxyType(claims),
             credential_header=header,
             expires_at=float(claims["exp"]),
         )
-
-
-def _number(claims: Mapping[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, bool) and isinstance(value, int | float):
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.nan
-        if math.isfinite(number):
-            return number
-    raise _invalid(f"token claim {name!r} must be a number")
 
 
 def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -320,19 +232,3 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(header, dict) or not isinstance(claims, dict):
         raise _invalid("malformed token")
     return header, claims
-
-
-def _cookie(cookie_header: str, name: str) -> str | None:
-    for part in cookie_header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
-            return value.strip().strip('"')
-    return None
-
-
-def _query_param(query: str, name: str) -> str | None:
-    for part in query.lstrip("?").split("&"):
-        key, sep, value = part.partition("=")
-        if sep and unquote_plus(key) == name:
-            return unquote_plus(value)
-    return None

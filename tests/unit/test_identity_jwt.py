@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY
 from extauthz.config import ClaimMapping, JwtIssuer, JwtSettings, TokenSource
 from extauthz.identity.base import RefreshNeeded
 from extauthz.identity.jwks import JwksRegistry
-from extauthz.identity.jwt import JwtProvider, claim_at
+from extauthz.identity.jwt import JwtProvider
+from extauthz.identity.tokens import claim_at
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.signing import (
