@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
+from collections.abc import AsyncIterator, Iterable
 
 import pytest
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from meshgate.admin import build_admin_app, serve_admin
+from meshgate.admin import AdminLimits, AdminServer, build_admin_app, serve_admin
 from meshgate.runtime import Readiness
 
 
@@ -89,3 +91,172 @@ async def test_busy_port_fails_loudly() -> None:
             await serve_admin(build_admin_app(Readiness(), INFO), "127.0.0.1", busy.getsockname()[1])
     finally:
         busy.close()
+
+
+# -- limits: idle and slow clients, connection count, request size -----------------------------------------------
+
+TIMEOUT_S = 0.5
+LIMITS = AdminLimits(request_timeout_s=TIMEOUT_S, max_connections=4, max_head_bytes=4096)
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Both loops: production serves on uvloop, whose transports differ."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
+
+
+@pytest.fixture
+async def limited() -> AsyncIterator[AdminServer]:
+    router = APIRouter()
+
+    @router.get("/slow")
+    async def slow() -> dict[str, str]:
+        await asyncio.sleep(3 * TIMEOUT_S)  # the app's time does not count against the client
+        return {"status": "done"}
+
+    @router.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"received": len(await request.body())}
+
+    server = await serve_admin(build_admin_app(Readiness(), INFO, [router]), "127.0.0.1", 0, LIMITS)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One response on a kept-alive connection (content-length framed): status and body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().split("\r\n")
+    length = next(int(line.split(":")[1]) for line in lines if line.lower().startswith("content-length:"))
+    return int(lines[0].split()[1]), await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def closed_after(reader: asyncio.StreamReader) -> float:
+    """Seconds until the server closes the connection (whatever it still sent is read and dropped)."""
+    started = time.monotonic()
+    while await asyncio.wait_for(reader.read(65536), 10):
+        pass
+    return time.monotonic() - started
+
+
+GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n"
+
+
+async def test_a_connection_that_sends_nothing_is_closed(limited: AdminServer) -> None:
+    reader, writer = await connect(limited.port)
+    assert TIMEOUT_S * 0.8 < await closed_after(reader) < TIMEOUT_S + 2
+    writer.close()
+
+
+async def send_until_closed(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pieces: Iterable[bytes], pause_s: float
+) -> float | None:
+    """Send the pieces ``pause_s`` apart; seconds until the server closed, or None if it never did meanwhile."""
+    started = time.monotonic()
+    for piece in pieces:
+        if reader.at_eof():
+            return time.monotonic() - started
+        try:
+            writer.write(piece)
+            await writer.drain()
+        except ConnectionError:
+            return time.monotonic() - started
+        await asyncio.sleep(pause_s)
+    return None
+
+
+async def test_half_a_request_trickled_byte_by_byte_is_closed(limited: AdminServer) -> None:
+    """Slowloris: every byte arrives before the previous one could time out, the request never ends."""
+    reader, writer = await connect(limited.port)
+    request = b"GET /healthz HTTP/1.1\r\nHost: admin\r\nX-Slow: " + b"a" * 100
+    closed = await send_until_closed(reader, writer, (bytes([byte]) for byte in request), TIMEOUT_S / 5)
+    assert closed is not None
+    assert TIMEOUT_S * 0.8 < closed < TIMEOUT_S + 2
+    writer.close()
+
+
+async def test_a_body_that_never_ends_is_closed(limited: AdminServer, caplog: pytest.LogCaptureFixture) -> None:
+    reader, writer = await connect(limited.port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: admin\r\nContent-Length: 100\r\n\r\nonly part of it")
+    assert await closed_after(reader) < TIMEOUT_S + 2
+    writer.close()
+    await asyncio.sleep(0.1)  # the app, waiting for the rest, learns that the client is gone: no error logged
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+async def test_keep_alive_connection_serves_requests_and_the_app_time_is_not_the_clients(
+    limited: AdminServer,
+) -> None:
+    reader, writer = await connect(limited.port)
+    for _ in range(3):  # each within the timeout of the previous answer, together longer than it
+        writer.write(GET_HEALTHZ)
+        assert (await read_response(reader))[0] == 200
+        await asyncio.sleep(TIMEOUT_S / 2)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: admin\r\n\r\n")
+    status, body = await read_response(reader)
+    assert (status, json.loads(body)) == (200, {"status": "done"})
+    writer.write(GET_HEALTHZ)  # the clock restarted with the slow answer
+    assert (await read_response(reader))[0] == 200
+    assert await closed_after(reader) < TIMEOUT_S + 2  # and idle again: closed
+    writer.close()
+
+
+async def test_connections_past_the_cap_are_refused_503_until_one_closes(limited: AdminServer) -> None:
+    held = [await connect(limited.port) for _ in range(LIMITS.max_connections)]
+    reader, writer = await connect(limited.port)
+    refused = await asyncio.wait_for(reader.read(), 10)
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    assert b"connection: close" in refused
+    writer.close()
+    _, held_writer = held.pop()
+    held_writer.close()
+    await asyncio.sleep(0.2)  # the server sees it close
+    reader, writer = await connect(limited.port)
+    writer.write(GET_HEALTHZ)
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+    for _, held_writer in held:
+        held_writer.close()
+
+
+async def test_idle_connections_free_their_slots(limited: AdminServer) -> None:
+    """Filling the cap with silent connections blocks nobody for longer than the timeout."""
+    held = [await connect(limited.port) for _ in range(LIMITS.max_connections)]
+    for held_reader, _ in held:
+        assert await closed_after(held_reader) < TIMEOUT_S + 2
+    reader, writer = await connect(limited.port)
+    writer.write(GET_HEALTHZ)
+    assert (await read_response(reader))[0] == 200
+    for _, held_writer in [*held, (reader, writer)]:
+        held_writer.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: admin\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 50) for i in range(100)),
+        b"GET /healthz HTTP/1.1\r\nHost: admin\r\nX-Endless: " + b"v" * 10_000,  # a line that never ends
+        b"GET /" + b"p" * 10_000,  # a request target that never ends
+    ],
+    ids=["many-headers", "endless-header-line", "endless-url"],
+)
+async def test_a_head_over_the_limit_is_refused_431(limited: AdminServer, head: bytes) -> None:
+    reader, writer = await connect(limited.port)
+    for start in range(0, len(head), 1000):  # in pieces, as a slow client sends it
+        writer.write(head[start : start + 1000])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer
+    writer.close()
+    assert (await http_get(limited.port, "/healthz"))[0] == 200  # the server itself is fine
