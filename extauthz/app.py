@@ -17,6 +17,7 @@ from extauthz.grpc_adapter import add_to_server
 from extauthz.http_adapter import start_http_listener
 from extauthz.identity.apikey import ApiKeyProvider, load_api_keys
 from extauthz.identity.base import IdentityProvider
+from extauthz.identity.introspection import IntrospectionProvider
 from extauthz.identity.jwks import JwksRegistry
 from extauthz.identity.jwt import JwtProvider
 from extauthz.identity.mtls import SpiffeProvider
@@ -38,6 +39,8 @@ def build_providers(config: ExtauthzConfig, registry: JwksRegistry) -> list[Iden
     for kind in identity.order:
         if kind is IdentityKind.JWT and identity.jwt.issuers:
             providers.append(JwtProvider(identity.jwt, registry))
+        elif kind is IdentityKind.INTROSPECTION and identity.introspection.endpoint:
+            providers.append(IntrospectionProvider(identity.introspection))
         elif kind is IdentityKind.API_KEY and identity.api_key.keys_file:
             providers.append(ApiKeyProvider(identity.api_key, load_api_keys(identity.api_key.keys_file)))
         elif kind is IdentityKind.SPIFFE:

@@ -58,6 +58,26 @@ class JwtSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IntrospectionSettings:
+    """OAuth2 token introspection (RFC 7662) for opaque bearer tokens; not configured while ``endpoint`` is empty."""
+
+    endpoint: str = ""
+    client_id: str = ""  # meshgate's own client, authenticated with HTTP Basic (client_secret_basic)
+    client_secret: str = ""  # read from client_secret_env when the policy loads; never logged
+    client_secret_env: str = ""
+    issuer: str = ""  # when set, an answer's ``iss`` (if any) must equal it; the identity's issuer either way
+    audiences: tuple[str, ...] = ()  # when set, an answer's ``aud`` must name one of them
+    sources: tuple[TokenSource, ...] = DEFAULT_TOKEN_SOURCES
+    claims: ClaimMapping = field(default_factory=ClaimMapping)
+    leeway_s: float = 30.0
+    timeout_s: float = 0.5  # one introspection call, on the request path: under the pipeline's deadline
+    cache_s: float = 60.0  # an active answer is reused this long at most, never past the token's exp
+    negative_cache_s: float = 10.0  # an inactive answer
+    max_concurrent: int = 32  # calls in flight at once; a request past it is answered 503 at once
+    cache_size: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeySettings:
     keys_file: str = ""  # YAML file of clients and their hashed keys, resolved relative to the policy file
     header: str = "x-api-key"
@@ -76,8 +96,14 @@ class SpiffeSettings:
 
 @dataclass(frozen=True, slots=True)
 class IdentitySettings:
-    order: tuple[IdentityKind, ...] = (IdentityKind.JWT, IdentityKind.API_KEY, IdentityKind.SPIFFE)
+    order: tuple[IdentityKind, ...] = (
+        IdentityKind.JWT,
+        IdentityKind.INTROSPECTION,
+        IdentityKind.API_KEY,
+        IdentityKind.SPIFFE,
+    )
     jwt: JwtSettings = field(default_factory=JwtSettings)
+    introspection: IntrospectionSettings = field(default_factory=IntrospectionSettings)
     api_key: ApiKeySettings = field(default_factory=ApiKeySettings)
     spiffe: SpiffeSettings = field(default_factory=SpiffeSettings)
 

@@ -4,7 +4,7 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
 
     version: 1                                  # optional; only 1 is accepted
     identity:
-      order: [jwt, api_key, spiffe]             # providers to try, first success wins; each at most once
+      order: [jwt, introspection, api_key, spiffe]   # providers to try, first success wins; each at most once
       jwt:
         leeway_seconds: 30
         cache_size: 10000
@@ -21,6 +21,18 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
             refresh_interval_seconds: 300       # sooner when the key set's Cache-Control max-age says so
             min_refetch_interval_seconds: 10
             fetch_timeout_seconds: 2
+      introspection:                            # OAuth2 token introspection (RFC 7662) for opaque tokens
+        endpoint: https://idp.example.com/oauth2/introspect
+        client_id: meshgate                     # HTTP Basic client authentication
+        client_secret_env: INTROSPECTION_SECRET # or client_secret (prefer the environment)
+        issuer: https://idp.example.com         # optional: the answer's iss must match
+        audiences: [api]                        # optional: the answer's aud must name one
+        sources: [...]                          # claims: {...}  leeway_seconds: 30  as for jwt
+        timeout_seconds: 0.5
+        cache_seconds: 60                       # an active answer, never past the token's exp
+        negative_cache_seconds: 10              # an inactive one
+        max_concurrent: 32                      # calls in flight; past it a request is answered 503 at once
+        cache_size: 10000
       api_key: {keys_file: keys.yaml, header: x-api-key, authorization_scheme: ApiKey}
       spiffe: {trust_domains: [cluster.local], from_xfcc: true}   # xfcc_skip_by: [spiffe://...] (see mtls.py)
     response:
@@ -73,6 +85,7 @@ from extauthz.config import (
     HeaderMatch,
     IdentityMatch,
     IdentitySettings,
+    IntrospectionSettings,
     JwtIssuer,
     JwtSettings,
     RequestMatch,
@@ -202,11 +215,13 @@ def _identity(r: Reader, base_dir: Path, env: Mapping[str, str]) -> IdentitySett
         if not order:
             raise r.error("order", "must name at least one identity provider")
     jwt_reader = r.child("jwt")
+    introspection_reader = r.child("introspection")
     api_key_reader = r.child("api_key")
     spiffe_reader = r.child("spiffe")
     settings = IdentitySettings(
         order=order,
         jwt=_jwt(jwt_reader, env) if jwt_reader else defaults.jwt,
+        introspection=_introspection(introspection_reader, env) if introspection_reader else defaults.introspection,
         api_key=_api_key(api_key_reader, base_dir) if api_key_reader else defaults.api_key,
         spiffe=_spiffe(spiffe_reader) if spiffe_reader else defaults.spiffe,
     )
@@ -220,11 +235,7 @@ def _jwt(r: Reader, env: Mapping[str, str]) -> JwtSettings:
     cache_size = r.get("cache_size", int, defaults.cache_size)
     if cache_size < 0:
         raise r.error("cache_size", f"must be at least 0, got {cache_size}")
-    sources: tuple[TokenSource, ...] = DEFAULT_TOKEN_SOURCES
-    if r.has("sources"):
-        sources = tuple(_token_source(item) for item in r.children("sources"))
-        if not sources:
-            raise r.error("sources", "must list at least one token source")
+    sources = _token_sources(r)
     claims_reader = r.child("claims")
     claims = _claims(claims_reader) if claims_reader else defaults.claims
     issuers: list[JwtIssuer] = []
@@ -237,6 +248,61 @@ def _jwt(r: Reader, env: Mapping[str, str]) -> JwtSettings:
         issuers.append(issuer)
     r.done()
     return JwtSettings(issuers=tuple(issuers), sources=sources, leeway_s=leeway, claims=claims, cache_size=cache_size)
+
+
+def _token_sources(r: Reader) -> tuple[TokenSource, ...]:
+    if not r.has("sources"):
+        return DEFAULT_TOKEN_SOURCES
+    sources = tuple(_token_source(item) for item in r.children("sources"))
+    if not sources:
+        raise r.error("sources", "must list at least one token source")
+    return sources
+
+
+def _introspection(r: Reader, env: Mapping[str, str]) -> IntrospectionSettings:
+    defaults = IntrospectionSettings()
+    endpoint = r.require("endpoint", str)
+    if not _is_http_url(endpoint):
+        raise r.error("endpoint", "must be an http(s) URL")
+    client_id = r.require("client_id", str)
+    if not client_id:
+        raise r.error("client_id", "must not be empty")
+    secret = _secret_value(r, "client_secret")
+    secret_env = r.get("client_secret_env", str, "")
+    if bool(secret) == bool(secret_env):
+        raise ConfigError(r.source, r.line, "introspection needs exactly one of client_secret_env, client_secret")
+    if secret_env:
+        secret = env.get(secret_env, "")
+        if not secret:
+            raise r.error("client_secret_env", f"environment variable {secret_env} is not set or empty")
+    audiences = r.strings("audiences")
+    if not all(audiences):
+        raise r.error("audiences", "must not hold an empty audience")
+    claims_reader = r.child("claims")
+    max_concurrent = r.get("max_concurrent", int, defaults.max_concurrent)
+    if max_concurrent < 1:
+        raise r.error("max_concurrent", f"must be at least 1, got {max_concurrent}")
+    cache_size = r.get("cache_size", int, defaults.cache_size)
+    if cache_size < 0:
+        raise r.error("cache_size", f"must be at least 0, got {cache_size}")
+    settings = IntrospectionSettings(
+        endpoint=endpoint,
+        client_id=client_id,
+        client_secret=secret,
+        client_secret_env=secret_env,
+        issuer=r.get("issuer", str, ""),
+        audiences=audiences,
+        sources=_token_sources(r),
+        claims=_claims(claims_reader) if claims_reader else defaults.claims,
+        leeway_s=r.number("leeway_seconds", defaults.leeway_s, minimum=0),
+        timeout_s=_positive(r, "timeout_seconds", defaults.timeout_s),
+        cache_s=r.number("cache_seconds", defaults.cache_s, minimum=0),
+        negative_cache_s=r.number("negative_cache_seconds", defaults.negative_cache_s, minimum=0),
+        max_concurrent=max_concurrent,
+        cache_size=cache_size,
+    )
+    r.done()
+    return settings
 
 
 def _token_source(r: Reader) -> TokenSource:
@@ -284,7 +350,7 @@ def _issuer(r: Reader, env: Mapping[str, str]) -> JwtIssuer:
     algorithms = _algorithms(r, defaults.algorithms)
     jwks_uri = r.get("jwks_uri", str, "")
     discovery = r.get("discovery", bool, False)
-    secret = _secret_value(r)
+    secret = _secret_value(r, "secret")
     secret_env = r.get("secret_env", str, "")
     options = {"jwks_uri": jwks_uri, "discovery": discovery, "secret": secret, "secret_env": secret_env}
     given = [key for key, value in options.items() if value]
@@ -327,14 +393,14 @@ def _issuer(r: Reader, env: Mapping[str, str]) -> JwtIssuer:
     return result
 
 
-def _secret_value(r: Reader) -> str:
-    """``secret`` checked by hand: Reader's type errors quote the value, and a secret must never be echoed."""
-    r.get("secret", object, None)  # mark as used
-    value = r.data.get("secret")
+def _secret_value(r: Reader, key: str) -> str:
+    """A secret checked by hand: Reader's type errors quote the value, and a secret must never be echoed."""
+    r.get(key, object, None)  # mark as used
+    value = r.data.get(key)
     if value is None:
         return ""
     if not isinstance(value, str) or not value:
-        raise r.error("secret", "must be a non-empty string (value not shown)")
+        raise r.error(key, "must be a non-empty string (value not shown)")
     return value
 
 

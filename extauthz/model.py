@@ -18,6 +18,7 @@ EMPTY_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 
 class IdentityKind(StrEnum):
     JWT = "jwt"
+    INTROSPECTION = "introspection"  # an opaque OAuth2 token, checked at the issuer (RFC 7662)
     API_KEY = "api_key"
     SPIFFE = "spiffe"
 
@@ -34,6 +35,8 @@ class Reason(StrEnum):
     INVALID_ISSUER = "invalid_issuer"
     INVALID_AUDIENCE = "invalid_audience"
     UNKNOWN_KEY = "unknown_key"
+    INACTIVE_TOKEN = "inactive_token"  # the introspection endpoint says the token is not active
+    INTROSPECTION_UNAVAILABLE = "introspection_unavailable"
     INVALID_API_KEY = "invalid_api_key"
     API_KEY_EXPIRED = "api_key_expired"
     API_KEY_REVOKED = "api_key_revoked"
@@ -104,7 +107,10 @@ class Decision:
 class AuthenticationError(Exception):
     """A credential was present but is not acceptable. Its message is safe to show to the client."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, *, foreign: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # Not this provider's kind of credential at all (an opaque token is no JWT): when another provider also
+        # refuses it, that provider's reason is the one to report.
+        self.foreign = foreign

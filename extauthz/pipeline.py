@@ -117,7 +117,8 @@ class Pipeline:
             try:
                 identity = provider.authenticate(inp)
             except AuthenticationError as error:
-                auth_error = auth_error or error
+                if auth_error is None or auth_error.foreign:
+                    auth_error = error
                 continue
             if identity is not None:
                 break
@@ -264,9 +265,7 @@ class Pipeline:
             log.warning("identity refresh failed", exc_info=True)
         try:
             return self.decide(inp)
-        except RefreshNeeded:
-            decision = response.deny(
-                inp, 401, Reason.UNKNOWN_KEY, "token signed with an unknown key", self.response_settings
-            )
+        except RefreshNeeded as still:
+            decision = response.deny(inp, still.status, still.reason, still.message, self.response_settings)
             self.observer.record(inp, decision, self._clock() - started)
             return decision

@@ -5,18 +5,29 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from extauthz.model import CheckInput, Identity, IdentityKind
+from extauthz.model import CheckInput, Identity, IdentityKind, Reason
 
 
 class RefreshNeeded(Exception):
-    """The synchronous path cannot decide without I/O (e.g. an unknown JWT ``kid``).
+    """The synchronous path cannot decide without I/O (an unknown JWT ``kid``, an opaque token not introspected yet).
 
-    The caller awaits ``refresh()`` (single-flight and rate limited by the provider) and then asks again, once.
+    The caller awaits ``refresh()`` (single-flight and rate limited by the provider) and then asks again, once. If
+    the answer still needs I/O then (the refresh failed), the request is denied with ``status``/``reason``.
     """
 
-    def __init__(self, refresh: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        refresh: Callable[[], Awaitable[None]],
+        *,
+        status: int = 401,
+        reason: Reason = Reason.UNKNOWN_KEY,
+        message: str = "token signed with an unknown key",
+    ) -> None:
         super().__init__("refresh needed")
         self.refresh = refresh
+        self.status = status
+        self.reason = reason
+        self.message = message
 
 
 class Withdrawals:

@@ -224,7 +224,7 @@ def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Header and claims, unverified: only to choose the issuer and key. Garbage becomes INVALID_TOKEN."""
     parts = token.split(".")
     if len(parts) != 3:
-        raise _invalid("malformed token")
+        raise AuthenticationError(Reason.INVALID_TOKEN, "malformed token", foreign=True)
     try:
         header, claims = _b64json(parts[0]), _b64json(parts[1])
     except (ValueError, binascii.Error, UnicodeError, RecursionError):

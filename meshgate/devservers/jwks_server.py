@@ -1,7 +1,8 @@
 """A local JWKS/OIDC issuer on 127.0.0.1 for tests, the demo and the bench.
 
-Serves ``/.well-known/openid-configuration`` and ``/jwks.json`` over plain HTTP/1.1 (one request per connection)
-and can misbehave on demand: ``rotate`` the keys, go ``down`` (connection refused) or ``fail`` (503), and come
+Serves ``/.well-known/openid-configuration`` and ``/jwks.json`` over plain HTTP/1.1 (one request per connection),
+and ``POST /introspect`` (RFC 7662, HTTP Basic client authentication) for the opaque tokens it was told about with
+``grant``. It can misbehave on demand: ``rotate`` the keys, go ``down`` (connection refused) or ``fail`` (503), and come
 back ``up`` on the same port. It counts what it served, so tests can assert on fetches.
 
 Two ways to run it:
@@ -16,6 +17,7 @@ All control methods are synchronous and safe to call from either side.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import socket
@@ -23,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote_plus
 
 from meshgate.devservers.signing import SigningKey, jwks_document
 
@@ -31,6 +34,8 @@ T = TypeVar("T")
 _MAX_HEAD = 16 * 1024
 _DISCOVERY_PATH = "/.well-known/openid-configuration"
 _JWKS_PATH = "/jwks.json"
+_INTROSPECTION_PATH = "/introspect"
+_MAX_BODY = 64 * 1024
 
 
 class JwksServer:
@@ -53,6 +58,9 @@ class JwksServer:
         self.cache_control = "max-age=300"  # what every answer says (tests of refresh timing change it)
         self.jwks_override: bytes | None = None  # serve this body instead of the key set (garbage tests)
         self.discovery_override: bytes | None = None
+        self.introspection_client = ("meshgate", "introspection-secret")  # the client allowed to introspect
+        self.introspections = 0
+        self._granted: dict[str, dict[str, Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -72,10 +80,21 @@ class JwksServer:
     def discovery_uri(self) -> str:
         return self.issuer + _DISCOVERY_PATH
 
+    @property
+    def introspection_endpoint(self) -> str:
+        return self.issuer + _INTROSPECTION_PATH
+
     # -- behaviour -------------------------------------------------------------------------------------------
     def rotate(self, keys: Iterable[SigningKey | Mapping[str, Any]]) -> None:
         """Replace the whole key set (keep the old key in ``keys`` for an overlapping rotation)."""
         self._jwks_body = json.dumps(jwks_document(keys)).encode()
+
+    def grant(self, token: str, claims: Mapping[str, Any]) -> None:
+        """Introspection answers ``token`` as active with ``claims`` (until ``revoke``)."""
+        self._granted[token] = {"active": True, **claims}
+
+    def revoke(self, token: str) -> None:
+        self._granted.pop(token, None)
 
     def fail(self, status: int = 503) -> None:
         """Keep accepting connections but answer every request with ``status``."""
@@ -101,7 +120,7 @@ class JwksServer:
         return self._listening
 
     def reset_counts(self) -> None:
-        self.jwks_fetches = self.discovery_fetches = self.requests = 0
+        self.jwks_fetches = self.discovery_fetches = self.requests = self.introspections = 0
 
     # -- async lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> JwksServer:
@@ -226,7 +245,10 @@ class JwksServer:
             self._serving.add(task)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            status, body = self._answer(head)
+            length = _content_length(head)
+            status, body = (413, b'{"error":"too large"}') if length > _MAX_BODY else (0, b"")
+            if not status:
+                status, body = self._answer(head, await reader.readexactly(length))
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
@@ -243,7 +265,7 @@ class JwksServer:
                 self._serving.discard(task)
             writer.close()
 
-    def _answer(self, head: bytes) -> tuple[int, bytes]:
+    def _answer(self, head: bytes, body: bytes) -> tuple[int, bytes]:
         self.requests += 1
         request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = request_line.split(" ")
@@ -252,6 +274,8 @@ class JwksServer:
         method, target = parts[0], parts[1].split("?", 1)[0]
         if self.fail_status:
             return self.fail_status, b'{"error":"unavailable"}'
+        if target == _INTROSPECTION_PATH and method == "POST":
+            return self._introspect(head, body)
         if method not in ("GET", "HEAD"):
             return 405, b'{"error":"method not allowed"}'
         if target == _JWKS_PATH:
@@ -265,6 +289,26 @@ class JwksServer:
                 "issuer": self.issuer,
                 "jwks_uri": self.jwks_uri,
                 "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
+                "introspection_endpoint": self.introspection_endpoint,
             }
             return 200, json.dumps(document).encode()
         return 404, b'{"error":"not found"}'
+
+    def _introspect(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        client_id, secret = self.introspection_client
+        expected = base64.b64encode(f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()).decode()
+        lines = head.decode("latin-1").split("\r\n")[1:]
+        given = [line.split(":", 1)[1].split() for line in lines if line.lower().startswith("authorization:")]
+        if len(given) != 1 or len(given[0]) != 2 or given[0][0].lower() != "basic" or given[0][1] != expected:
+            return 401, b'{"error":"invalid_client"}'
+        self.introspections += 1
+        token = "".join(parse_qs(body.decode("latin-1")).get("token", []))
+        return 200, json.dumps(self._granted.get(token, {"active": False})).encode()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit():
+            return int(value.strip())
+    return 0

@@ -43,7 +43,7 @@ MODES = ("grpc", "http")
 POLICY = """\
 version: 1
 identity:
-  order: [jwt, api_key, spiffe]
+  order: [jwt, introspection, api_key, spiffe]
   jwt:
     leeway_seconds: 5
     issuers:
@@ -55,6 +55,12 @@ identity:
     claims:
       roles: [realm_access.roles]
       tier: plan
+  introspection:
+    endpoint: {issuer}/introspect
+    client_id: meshgate
+    client_secret_env: MESHGATE_E2E_INTROSPECTION_SECRET
+    audiences: [{audience}]
+    cache_seconds: 1
   api_key:
     keys_file: keys.yaml
   spiffe:
@@ -144,7 +150,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         policy = folder / "policy.yaml"
         stack = Stack(key=key, jwks=jwks, service=None, policy=policy, envoy_ports={})  # type: ignore[arg-type]
         stack.write_policy()
-        env = {**os.environ, "MESHGATE_RELOAD_INTERVAL_S": "0.2"}
+        env = {
+            **os.environ,
+            "MESHGATE_RELOAD_INTERVAL_S": "0.2",
+            "MESHGATE_E2E_INTROSPECTION_SECRET": jwks.introspection_client[1],
+        }
         with ServiceProcess(["extauthz", "--config", str(policy)], env=env) as service:
             stack.service = service
             envoys = []
@@ -286,6 +296,29 @@ def test_unknown_api_key_is_401(port: int) -> None:
 def test_api_key_in_authorization_scheme(port: int) -> None:
     status, _, _ = get(port, "/reports/daily", {"authorization": f"ApiKey {API_KEYS['current']}"})
     assert status == 200
+
+
+def test_opaque_tokens_are_introspected_at_the_issuer(stack: Stack) -> None:
+    """An opaque token (no JWT) is checked at the issuer's RFC 7662 endpoint; a revoked one stops once its cached
+    answer (cache_seconds: 1 here) runs out."""
+    token = f"opaque-e2e-{random.randrange(10**9)}"
+    claims = {"sub": "bob", "aud": AUDIENCE, "roles": ["reader"], "tier": "silver", "exp": int(time.time()) + 600}
+    stack.jwks.grant(token, claims)
+    for mode in MODES:
+        status, _, body = get(stack.envoy_ports[mode], "/orders/7", bearer(token))
+        assert status == 200, (mode, body)
+        upstream = body["headers"]
+        assert (upstream["x-auth-subject"], upstream["x-auth-kind"], upstream["x-auth-tier"]) == (
+            "bob",
+            "introspection",
+            "silver",
+        )
+        assert "authorization" not in upstream
+        status, _, body = get(stack.envoy_ports[mode], "/orders/7", bearer("opaque-e2e-never-issued"))
+        assert (status, body["error"]["code"]) == (401, "inactive_token"), mode
+    stack.jwks.revoke(token)
+    for mode in MODES:
+        _wait_until(lambda mode=mode: get(stack.envoy_ports[mode], "/orders/7", bearer(token))[0] == 401)
 
 
 def test_key_rotation_and_issuer_outage(stack: Stack) -> None:

@@ -50,10 +50,46 @@ def test_there_are_many_invalid_fixtures() -> None:
     assert len(INVALID) >= 40
 
 
-def test_secret_value_is_never_echoed() -> None:
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("secret_not_string", "123456789"),
+        ("introspection_secret_not_string", "987654321"),
+        ("introspection_two_secrets", "another-secret-value"),
+    ],
+)
+def test_secret_value_is_never_echoed(name: str, secret: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHGATE_TEST_SECRET", "s" * 32)
     with pytest.raises(ConfigError) as caught:
-        load_config(FIXTURES / "invalid" / "secret_not_string.yaml")
-    assert "123456789" not in str(caught.value)
+        load_config(FIXTURES / "invalid" / f"{name}.yaml")
+    assert secret not in str(caught.value)
+
+
+def test_introspection_settings_and_defaults() -> None:
+    text = """
+identity:
+  order: [introspection]
+  introspection:
+    endpoint: https://idp.example.com/oauth2/introspect
+    client_id: meshgate
+    client_secret_env: INTROSPECT
+    issuer: https://idp.example.com
+    audiences: [orders-api]
+    sources: [{header: x-token}]
+    claims: {roles: [groups]}
+    cache_seconds: 0
+    timeout_seconds: 0.25
+"""
+    config = parse_config(text, environ={"INTROSPECT": "pw"})
+    settings = config.identity.introspection
+    assert config.identity.order == (IdentityKind.INTROSPECTION,)
+    assert (settings.client_id, settings.client_secret, settings.client_secret_env) == ("meshgate", "pw", "INTROSPECT")
+    assert (settings.issuer, settings.audiences) == ("https://idp.example.com", ("orders-api",))
+    assert settings.sources == (TokenSource(header="x-token"),)
+    assert settings.claims.roles == ("groups",)
+    assert (settings.cache_s, settings.timeout_s, settings.negative_cache_s) == (0, 0.25, 10.0)
+    assert (settings.max_concurrent, settings.cache_size, settings.leeway_s) == (32, 10_000, 30.0)
+    assert parse_config("version: 1\n").identity.introspection.endpoint == ""
 
 
 def test_example_policy_loads() -> None:
