@@ -272,9 +272,7 @@ def _introspection(r: Reader, env: Mapping[str, str]) -> IntrospectionSettings:
     if bool(secret) == bool(secret_env):
         raise ConfigError(r.source, r.line, "introspection needs exactly one of client_secret_env, client_secret")
     if secret_env:
-        secret = env.get(secret_env, "")
-        if not secret:
-            raise r.error("client_secret_env", f"environment variable {secret_env} is not set or empty")
+        secret = _from_env(r, "client_secret_env", env)
     audiences = r.strings("audiences")
     if not all(audiences):
         raise r.error("audiences", "must not hold an empty audience")
@@ -374,9 +372,7 @@ def _issuer(r: Reader, env: Mapping[str, str]) -> JwtIssuer:
     if discovery and not _is_http_url(issuer):
         raise r.error("discovery", "OIDC discovery needs an http(s) issuer URL")
     if secret_env:
-        secret = env.get(secret_env, "")
-        if not secret:
-            raise r.error("secret_env", f"environment variable {secret_env} is not set or empty")
+        secret = _from_env(r, "secret_env", env)
     result = JwtIssuer(
         issuer=issuer,
         audiences=audiences,
@@ -391,6 +387,15 @@ def _issuer(r: Reader, env: Mapping[str, str]) -> JwtIssuer:
     )
     r.done()
     return result
+
+
+def _from_env(r: Reader, key: str, env: Mapping[str, str]) -> str:
+    """The value of the environment variable that ``key`` names; never empty."""
+    name = r.get(key, str, "")
+    value = env.get(name, "")
+    if not value:
+        raise r.error(key, f"environment variable {name} is not set or empty")
+    return value
 
 
 def _secret_value(r: Reader, key: str) -> str:

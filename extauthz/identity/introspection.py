@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -32,7 +31,7 @@ from prometheus_client import Counter
 from extauthz.config import IntrospectionSettings
 from extauthz.identity.base import RefreshNeeded
 from extauthz.identity.http_json import FetchError, fetch_json
-from extauthz.identity.tokens import MAX_TOKEN_BYTES, TokenFinder, check_times, map_claims, scalar
+from extauthz.identity.tokens import TokenFinder, check_times, found_in, map_claims, scalar, token_digest
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 from meshgate.log import redact_url
 
@@ -95,11 +94,7 @@ class IntrospectionProvider:
         if found is None:
             return None
         token, header = found
-        if not token:
-            raise AuthenticationError(Reason.INVALID_TOKEN, "empty bearer token")
-        if len(token) > MAX_TOKEN_BYTES:
-            raise AuthenticationError(Reason.INVALID_TOKEN, "token too large")
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        digest = token_digest(token)
         answer = self._cache.get(digest)
         if answer is None:
             _MISS.inc()
@@ -112,11 +107,8 @@ class IntrospectionProvider:
         _HIT.inc()
         if answer.error is not None:
             raise answer.error
-        identity = answer.identity
-        assert identity is not None
-        if identity.credential_header != header:  # the same token from another source: strip the right header
-            identity = replace(identity, credential_header=header)
-        return identity
+        assert answer.identity is not None
+        return found_in(answer.identity, header)
 
     # -- I/O -------------------------------------------------------------------------------------------------
     async def _introspect(self, token: str, digest: bytes, header: str) -> None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -25,7 +24,7 @@ from prometheus_client import Counter
 from extauthz.config import JwtIssuer, JwtSettings
 from extauthz.identity.base import RefreshNeeded
 from extauthz.identity.jwks import JwksCache, JwksRegistry
-from extauthz.identity.tokens import MAX_TOKEN_BYTES, TokenFinder, check_times, map_claims
+from extauthz.identity.tokens import TokenFinder, check_times, found_in, map_claims, token_digest
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 
 _TOKEN_CACHE = Counter("meshgate_token_cache_total", "Verified-token cache lookups", ["result"])
@@ -127,18 +126,11 @@ class JwtProvider:
         if found is None:
             return None
         token, header = found
-        if not token:
-            raise _invalid("empty bearer token")
-        if len(token) > MAX_TOKEN_BYTES:
-            raise _invalid("token too large")
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        digest = token_digest(token)
         cached = self._cache.get(digest)
         if cached is not None and cached.key_still_served():
             _CACHE_HIT.inc()
-            identity = cached.identity
-            if identity.credential_header != header:  # same token, another source: strip the right header
-                identity = replace(identity, credential_header=header)
-            return identity
+            return found_in(cached.identity, header)
         _CACHE_MISS.inc()
         claims, exp, verified_by = self._verify(token)
         identity = self._identity(claims, header)

@@ -6,14 +6,15 @@ JWTs (``jwt.py``) and opaque tokens checked by OAuth2 introspection (``introspec
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote_plus
 
 from extauthz.config import ClaimMapping, TokenSource
-from extauthz.model import AuthenticationError, CheckInput, Reason
+from extauthz.model import AuthenticationError, CheckInput, Identity, Reason
 
 MAX_TOKEN_BYTES = 16 * 1024
 
@@ -34,7 +35,17 @@ class TokenFinder:
         self.reads_query = any(source.query for source in self._sources)
 
     def find(self, inp: CheckInput) -> tuple[str, str] | None:
-        """(token, header it came from or "") from the first configured source that has one."""
+        """(token, header it came from or "") from the first configured source that has one; an empty or oversized
+        token is refused here, before anyone hashes, parses or sends it."""
+        found = self._find(inp)
+        if found is not None:
+            if not found[0]:
+                raise AuthenticationError(Reason.INVALID_TOKEN, "empty bearer token")
+            if len(found[0]) > MAX_TOKEN_BYTES:
+                raise AuthenticationError(Reason.INVALID_TOKEN, "token too large")
+        return found
+
+    def _find(self, inp: CheckInput) -> tuple[str, str] | None:
         headers = inp.headers
         for source in self._sources:
             if source.header:
@@ -55,6 +66,16 @@ class TokenFinder:
                 if token is not None:
                     return token, ""
         return None
+
+
+def found_in(identity: Identity, header: str) -> Identity:
+    """A cached identity for a token found in ``header`` this time (another source): the header to strip is this one."""
+    return identity if identity.credential_header == header else replace(identity, credential_header=header)
+
+
+def token_digest(token: str) -> bytes:
+    """The key a token is cached under: its SHA-256, so no cache holds the token itself."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 @dataclass(frozen=True, slots=True)
