@@ -1,22 +1,34 @@
-"""The ``meshgate`` command: serve, validate, demo, apikey."""
+"""The ``meshgate`` command: serve, validate, demo, apikey, healthcheck."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
+import io
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from meshgate import __version__
-from meshgate.settings import LOG_LEVELS, RATELIMIT_HEADER_MODES, SERVICES, ServeSettings, SettingsError, load_settings
+from meshgate.settings import (
+    LOG_LEVELS,
+    RATELIMIT_HEADER_MODES,
+    SERVICES,
+    SETTINGS_FILE_ENV,
+    ServeSettings,
+    SettingsError,
+    env_name,
+    load_settings,
+)
 from meshgate.yamlconf import ConfigError
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from meshgate.log import configure_logging
-    from meshgate.runtime import run_forever
-
-    flags = {
+def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve``'s flags by setting name (None: not given), for ``load_settings``."""
+    return {
         "service": args.service,
         "settings": args.settings,
         "config": args.config,
@@ -34,8 +46,14 @@ def _serve(args: argparse.Namespace) -> int:
         "ratelimit_headers": args.ratelimit_headers,
         "batch_helper_threads": args.batch_helper_threads,
     }
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from meshgate.log import configure_logging
+    from meshgate.runtime import run_forever
+
     try:
-        settings = load_settings(flags)
+        settings = load_settings(_serve_flags(args))
     except SettingsError as error:
         print(f"meshgate: {error}", file=sys.stderr)
         return 2
@@ -81,6 +99,106 @@ def _demo(args: argparse.Namespace) -> int:
     from meshgate.demo import run_demo
 
     return run_demo(tour_only=args.tour_only)
+
+
+def _serving_process(pid: int | None) -> int | None:
+    """``pid``; else PID 1 when it is ``meshgate serve`` (a container's), else the lowest-numbered one running."""
+    if pid is not None:
+        return pid
+    candidates = [1, *sorted(int(entry.name) for entry in Path("/proc").glob("[0-9]*") if entry.name != "1")]
+    own = os.getpid()
+    return next((found for found in candidates if found != own and _serve_argv(found) is not None), None)
+
+
+def _serve_argv(pid: int) -> list[str] | None:
+    """What follows ``serve`` in the command line of process ``pid`` when it runs ``meshgate serve``, else None."""
+    try:
+        argv = [part.decode(errors="replace") for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    except OSError:
+        return None
+    for index, part in enumerate(argv):
+        if (
+            part == "serve"
+            and index
+            and (Path(argv[index - 1]).name == "meshgate" or argv[max(0, index - 2) : index] == ["-m", "meshgate"])
+        ):
+            return argv[index + 1 :]
+    return None
+
+
+def _process_environ(pid: int) -> dict[str, str]:
+    """The environment ``pid`` started with; this process's own when it cannot be read (Docker gives a
+    HEALTHCHECK the container's environment, so the same)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def _effective_settings(pid: int, argv: Sequence[str]) -> ServeSettings:
+    """The settings that ``meshgate serve`` process ``pid`` (``argv`` after ``serve``) resolved at start: its
+    flags, its environment, its settings file."""
+    complaint = io.StringIO()
+    with contextlib.redirect_stderr(complaint):
+        try:
+            args = build_parser().parse_args(["serve", *argv])
+        except SystemExit:
+            why = complaint.getvalue().strip().splitlines()[-1:] or ["?"]
+            raise SettingsError(f"cannot read its command line: {why[0]}") from None
+    flags = _serve_flags(args)
+    environ = _process_environ(pid)
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        cwd = Path.cwd()
+    # Relative paths were relative to that process's folder, not to ours.
+    for name in ("settings", "config"):
+        if flags.get(name):
+            flags[name] = str(cwd / flags[name])
+    for variable in (SETTINGS_FILE_ENV, env_name("config")):
+        if environ.get(variable):
+            environ[variable] = str(cwd / environ[variable])
+    return load_settings(flags, environ)
+
+
+def _loopback_for(host: str) -> str:
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when ``/healthz`` answers 200 on the admin port that ``meshgate serve`` really uses, else 1."""
+    pid = _serving_process(args.pid)
+    argv = None if pid is None else _serve_argv(pid)
+    if pid is None or argv is None:
+        print(f"meshgate healthcheck: no `meshgate serve` process{'' if pid is None else f' {pid}'}", file=sys.stderr)
+        return 1
+    try:
+        settings = _effective_settings(pid, argv)
+    except SettingsError as error:
+        print(f"meshgate healthcheck: settings of process {pid}: {error}", file=sys.stderr)
+        return 1
+    if settings.admin_port <= 0:  # off, or a free port picked at start (logged): nothing to ask
+        state = "off" if settings.admin_port < 0 else "picked at start"
+        print(f"process {pid} runs; its admin port is {state}, /healthz not checked")
+        return 0
+    host = _loopback_for(settings.host)
+    where = f"{host}:{settings.admin_port}"
+    connection = http.client.HTTPConnection(host, settings.admin_port, timeout=args.timeout)
+    try:
+        connection.request("GET", "/healthz", headers={"Connection": "close"})
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as error:
+        print(f"meshgate healthcheck: {where}/healthz: {error}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if status != 200:
+        print(f"meshgate healthcheck: {where}/healthz answered {status}", file=sys.stderr)
+        return 1
+    print(f"ok: {where}/healthz (process {pid})")
+    return 0
 
 
 def _apikey(args: argparse.Namespace) -> int:
@@ -152,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     apikey = commands.add_parser("apikey", help="make API keys for the keys file")
     apikey.add_argument("action", choices=("new", "hash"), help="new: a fresh key and its hash; hash: of stdin")
     apikey.set_defaults(handler=_apikey)
+
+    healthcheck = commands.add_parser(
+        "healthcheck",
+        help="exit 0 when /healthz answers on the admin port a running `meshgate serve` uses (its flags, env and "
+        "settings file), else 1: for a container's HEALTHCHECK",
+    )
+    healthcheck.add_argument(
+        "--pid", type=int, help="the serving process (default: PID 1 if it is `meshgate serve`, else the first one)"
+    )
+    healthcheck.add_argument("--timeout", type=float, default=1.0, help="seconds for /healthz to answer (default 1)")
+    healthcheck.set_defaults(handler=_healthcheck)
     return parser
 
 

@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -135,3 +136,88 @@ def test_serve_with_a_bad_policy_exits_1_with_file_and_line() -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert f"invalid config: {bad}:11:" in done.stderr
+
+
+# -- healthcheck: /healthz on the admin port a running `meshgate serve` really uses --------------------------------
+
+HEALTH_POLICY = "version: 1\nrules:\n  - {name: health, public: true, match: {paths: [/healthz]}}\n"  # nothing to fetch
+
+
+def _fake_server(tmp_path: Path, *serve_args: str) -> subprocess.Popen[bytes]:
+    """A process whose command line is `/.../meshgate serve extauthz ...` (as the console script runs) but which
+    serves nothing."""
+    script = tmp_path / "bin" / "meshgate"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    script.chmod(0o755)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HEALTH_POLICY)
+    fake = subprocess.Popen([str(script), "serve", "extauthz", "--config", str(policy), *serve_args])
+    cmdline = Path(f"/proc/{fake.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while b"\0serve\0" not in cmdline.read_bytes() and time.monotonic() < deadline:  # until the exec is done
+        time.sleep(0.01)
+    return fake
+
+
+def test_healthcheck_follows_the_servers_flags_env_and_relative_settings_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its flag beats its settings file, which it named relative to its own folder; the check runs elsewhere."""
+    from tests.support.ports import free_port
+    from tests.support.procs import Proc
+
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    (folder / "policy.yaml").write_text(HEALTH_POLICY)
+    from_file, from_flag = free_port(), free_port()
+    (folder / "settings.yaml").write_text(
+        f"config: policy.yaml\nhost: 127.0.0.1\ngrpc_port: 0\nhttp_port: -1\nadmin_port: {from_file}\n"
+    )
+    command = [sys.executable, "-m", "meshgate", "serve", "extauthz", "--settings", "settings.yaml"]
+    with Proc([*command, "--admin-port", str(from_flag)], cwd=folder, name="serve") as server:
+        server.wait_for_port(from_flag, timeout=30)
+        assert main(["healthcheck", "--pid", str(server.pid)]) == 0
+        assert capsys.readouterr().out.strip() == f"ok: 127.0.0.1:{from_flag}/healthz (process {server.pid})"
+
+
+def test_healthcheck_fails_when_the_admin_port_does_not_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.support.ports import free_port
+
+    port = free_port()  # nothing listens there
+    fake = _fake_server(tmp_path, "--host", "0.0.0.0", "--admin-port", str(port))
+    try:
+        assert main(["healthcheck", "--pid", str(fake.pid)]) == 1
+    finally:
+        fake.kill()
+        fake.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"meshgate healthcheck: 127.0.0.1:{port}/healthz: ")  # 0.0.0.0: loopback
+
+
+def test_healthcheck_with_the_admin_port_off_only_sees_that_the_process_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = _fake_server(tmp_path, "--admin-port", "-1")
+    try:
+        assert main(["healthcheck", "--pid", str(fake.pid)]) == 0
+    finally:
+        fake.kill()
+        fake.wait()
+    assert "admin port is off, /healthz not checked" in capsys.readouterr().out
+
+
+def test_healthcheck_refuses_other_processes_and_bad_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["healthcheck", "--pid", str(os.getpid())]) == 1  # pytest is no `meshgate serve`
+    assert f"no `meshgate serve` process {os.getpid()}" in capsys.readouterr().err
+    fake = _fake_server(tmp_path, "--admin-port", "70000")
+    try:
+        assert main(["healthcheck", "--pid", str(fake.pid)]) == 1
+    finally:
+        fake.kill()
+        fake.wait()
+    assert "70000 is not a port" in capsys.readouterr().err
