@@ -27,7 +27,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import NamedTuple, cast
 
 import httptools
@@ -36,6 +36,7 @@ from extauthz.identity.base import RefreshNeeded
 from extauthz.model import CheckInput, Decision, Reason
 from extauthz.pipeline import REQUEST_ID_HEADER, Pipeline, RememberedRequest
 from extauthz.response import header_safe
+from meshgate.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ ALLOW_CACHE_SIZE = 4096
 # stays bounded by the pipeline's REQUEST_CACHE_SIZE times this, whatever bodies or headers clients send.
 REMEMBER_MAX_BYTES = 8 * 1024
 LINGER_S = 2.0  # after answering and half-closing, how long to wait for the peer to close
+# A request must arrive whole within this of its first byte, and a new connection must bring its first request
+# within it: Envoy sends whole requests at once, so only slow or silent clients (slowloris) meet it. An idle
+# keep-alive connection between requests is Envoy's to close (its pools keep them up to an hour).
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+# Connections beyond this are answered 503 and closed at once: each one holds a file descriptor and memory.
+DEFAULT_MAX_CONNECTIONS = 10_000
 
 _ALLOW_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n"
 _CLOSE = b"connection: close\r\n"
@@ -82,6 +89,8 @@ _BAD_REQUEST = _error_response(400, "bad_request", "malformed HTTP request")
 _HEADERS_TOO_LARGE = _error_response(431, "headers_too_large", "request headers too large")
 _BODY_TOO_LARGE = _error_response(413, "body_too_large", "request body too large")
 _INTERNAL_ERROR = _error_response(500, Reason.INTERNAL_ERROR.value, "internal error")
+_REQUEST_TIMEOUT = _error_response(408, "request_timeout", "request not received in time")
+_TOO_MANY_CONNECTIONS = _error_response(503, "too_many_connections", "too many connections")
 
 
 def _clean(value: str) -> bytes:
@@ -129,17 +138,29 @@ class _Context:
         forward_auth_path: str,
         max_header_bytes: int,
         max_body_bytes: int,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.get_pipeline = get_pipeline
         self.path_prefix = path_prefix.rstrip("/")
         self.forward_auth_path = forward_auth_path
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
         self.connections: set[_Connection] = set()
         self.closing = False
         self.all_closed = asyncio.Event()
         # Encoded allow answers by decision object (the pipeline reuses allow decisions): skips re-encoding.
         self._allow_bytes: dict[int, tuple[Decision, bytes]] = {}
+
+    def drop_slow_requests(self) -> None:
+        """Close the connections whose request (or first request) has not arrived whole in time."""
+        deadline = monotonic() - self.request_timeout_s
+        for connection in list(self.connections):
+            since = connection.waiting_since
+            if since is not None and since < deadline:
+                connection.time_out()
 
     def encode(self, decision: Decision, head: bool, close: bool) -> bytes:
         if not decision.allowed or close:
@@ -275,11 +296,19 @@ class _Connection(asyncio.Protocol):
         self._closing = False  # stop reading: a broken request was answered, close after the answers owed
         self._draining = False  # server stopping: close once idle
         self._linger: asyncio.TimerHandle | None = None
+        # When the request being received began (or the connection opened), while it is not whole: see
+        # DEFAULT_REQUEST_TIMEOUT_S. None between requests.
+        self.waiting_since: float | None = monotonic()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but it has the same interface.
         self._transport = cast(asyncio.Transport, transport)
+        if len(self._ctx.connections) >= self._ctx.max_connections:
+            self._transport.write(_TOO_MANY_CONNECTIONS)
+            self._close_gracefully()
+            self.waiting_since = None
+            return
         self._ctx.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -331,6 +360,7 @@ class _Connection(asyncio.Protocol):
                     elapsed = perf_counter() - started
                     transport.write(entry.answer)
                     pipeline.record_recall(entry, request_id, elapsed)
+                    self.waiting_since = None
                     return
         if self._in_message and not self._headers_complete:
             # A single header line is buffered by the parser until it ends: bound that too.
@@ -354,6 +384,10 @@ class _Connection(asyncio.Protocol):
             self._fail(_BAD_REQUEST)
         else:
             self._remember()
+        if not self._in_message:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = monotonic()
 
     # -- identical requests ----------------------------------------------------------------------------------
     def _remember(self) -> None:
@@ -546,6 +580,14 @@ class _Connection(asyncio.Protocol):
         if not self._pending:
             self._close_gracefully()
 
+    def time_out(self) -> None:
+        """The request did not arrive whole in time: 408 for a started one (after the answers owed), then close."""
+        self.waiting_since = None
+        if self._in_message:
+            self._fail(_REQUEST_TIMEOUT)
+        else:
+            self._finish_after_pending()
+
     def shutdown(self) -> None:
         """Graceful stop: close now when idle, else after the answers owed."""
         if not self._pending and not self._in_message:
@@ -565,8 +607,14 @@ class HttpListener:
         self.server = server
         self._ctx = ctx
         self.port = int(server.sockets[0].getsockname()[1])
+        self._sweeper = Periodic(self._sweep, max(ctx.request_timeout_s / 4, 0.01), "extauthz-http-sweeper")
+        self._sweeper.start()
+
+    async def _sweep(self) -> None:
+        self._ctx.drop_slow_requests()
 
     async def stop(self, grace_s: float) -> None:
+        await self._sweeper.close()
         self.server.close()
         ctx = self._ctx
         ctx.closing = True
@@ -590,8 +638,18 @@ async def start_http_listener(
     forward_auth_path: str = "/forward-auth",
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> HttpListener:
-    ctx = _Context(get_pipeline, path_prefix, forward_auth_path, max_header_bytes, max_body_bytes)
+    ctx = _Context(
+        get_pipeline,
+        path_prefix,
+        forward_auth_path,
+        max_header_bytes,
+        max_body_bytes,
+        request_timeout_s,
+        max_connections,
+    )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Connection(ctx), host, port, reuse_address=True)
     return HttpListener(server, ctx)

@@ -705,3 +705,71 @@ async def test_a_remembered_answer_waits_for_the_answers_owed_before_it(remember
     slow, again = await read_response(reader), await read_response(reader)
     assert (slow.headers["x-auth-subject"], again.headers["x-auth-subject"]) == ("refresh", "alice")
     writer.close()
+
+
+# -- slow, silent and too many clients -----------------------------------------------------------------------
+@pytest.fixture
+async def strict() -> AsyncIterator[Harness]:
+    """A listener with a short request timeout and room for three connections."""
+    provider = GatedProvider()
+    holder: dict[str, Harness] = {}
+    listener = await start_http_listener(
+        "127.0.0.1", 0, lambda: holder["h"].pipeline, request_timeout_s=0.2, max_connections=3
+    )
+    holder["h"] = Harness(listener, provider)
+    yield holder["h"]
+    await listener.stop(1.0)
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sent before closing; fails if it has not closed within ``seconds``."""
+    return await asyncio.wait_for(reader.read(), seconds)
+
+
+async def test_a_silent_connection_is_closed_after_the_request_timeout(strict: Harness) -> None:
+    reader, writer = await strict.connect()
+    assert await closed_within(reader, 5) == b""
+    writer.close()
+
+
+async def test_a_request_trickling_in_is_answered_408_and_closed(strict: Harness) -> None:
+    reader, writer = await strict.connect()
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n")  # never finished
+    for _ in range(4):  # still sending, too slowly: the time counts from the request's first byte
+        await asyncio.sleep(0.1)
+        writer.write(b"X-Slow: 1\r\n")
+    answer = await closed_within(reader, 5)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"request_timeout"' in answer
+    writer.close()
+
+
+async def test_an_idle_keep_alive_connection_between_requests_stays_open(strict: Harness) -> None:
+    reader, writer = await strict.connect()
+    for _ in range(2):
+        writer.write(request(extra="Authorization: Bearer good-alice\r\n"))
+        assert (await read_response(reader)).status == 200
+        await asyncio.sleep(0.5)  # well past the request timeout, between requests
+    writer.write(request(extra="Authorization: Bearer good-alice\r\n"))
+    assert (await read_response(reader)).status == 200
+    writer.close()
+
+
+async def test_connections_past_the_cap_are_answered_503_and_closed(strict: Harness) -> None:
+    held = [await strict.connect() for _ in range(3)]
+    reader, writer = await strict.connect()
+    answer = await closed_within(reader, 5)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b'"too_many_connections"' in answer
+    writer.close()
+    # The held ones still work, and once they are gone there is room again.
+    held_reader, held_writer = held[0]
+    held_writer.write(request(extra="Authorization: Bearer good-alice\r\n"))
+    assert (await read_response(held_reader)).status == 200
+    for _, other in held:
+        other.close()
+    for _ in range(100):  # bounded: the server sees the closes
+        if not strict.listener._ctx.connections:
+            break
+        await asyncio.sleep(0.01)
+    answer_after = await strict.exchange(request(extra="Authorization: Bearer good-alice\r\n"))
+    assert answer_after.status == 200
