@@ -17,7 +17,7 @@ from extauthz.grpc_adapter import add_to_server
 from extauthz.http_adapter import start_http_listener
 from extauthz.identity.apikey import ApiKeyProvider, load_api_keys
 from extauthz.identity.base import IdentityProvider
-from extauthz.identity.introspection import IntrospectionProvider
+from extauthz.identity.introspection import IntrospectionProvider, IntrospectionRegistry
 from extauthz.identity.jwks import JwksRegistry
 from extauthz.identity.jwt import JwtProvider
 from extauthz.identity.mtls import SpiffeProvider
@@ -32,15 +32,25 @@ log = logging.getLogger(__name__)
 AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
 
 
-def build_providers(config: ExtauthzConfig, registry: JwksRegistry) -> list[IdentityProvider]:
-    """The configured identity providers, in the policy's order; unconfigured ones are left out."""
+def build_providers(
+    config: ExtauthzConfig, registry: JwksRegistry, introspection: IntrospectionRegistry | None = None
+) -> list[IdentityProvider]:
+    """The configured identity providers, in the policy's order; unconfigured ones are left out.
+
+    ``registry`` and ``introspection`` hold what outlives a reload (JWKS keys, introspected tokens); without
+    ``introspection`` the introspection provider keeps its own.
+    """
     identity = config.identity
+    jwt = JwtProvider(identity.jwt, registry) if identity.jwt.issuers and IdentityKind.JWT in identity.order else None
     providers: list[IdentityProvider] = []
     for kind in identity.order:
-        if kind is IdentityKind.JWT and identity.jwt.issuers:
-            providers.append(JwtProvider(identity.jwt, registry))
+        if kind is IdentityKind.JWT and jwt is not None:
+            providers.append(jwt)
         elif kind is IdentityKind.INTROSPECTION and identity.introspection.endpoint:
-            providers.append(IntrospectionProvider(identity.introspection))
+            settings = identity.introspection
+            state = introspection.get_or_create(settings) if introspection is not None else None
+            # A configured issuer's JWT is the JWT provider's to judge: never sent to the endpoint.
+            providers.append(IntrospectionProvider(settings, state, skip=jwt.owns if jwt is not None else None))
         elif kind is IdentityKind.API_KEY and identity.api_key.keys_file:
             providers.append(ApiKeyProvider(identity.api_key, load_api_keys(identity.api_key.keys_file)))
         elif kind is IdentityKind.SPIFFE:
@@ -52,13 +62,14 @@ def build_pipeline(
     path: Path,
     registry: JwksRegistry,
     *,
+    introspection: IntrospectionRegistry | None = None,
     deadline_s: float = 1.0,
     observer: DecisionObserver | None = None,
 ) -> Pipeline:
     """Load and check everything a policy file names; raises ConfigError (file:line) on any problem."""
     config = load_config(path)
     return Pipeline(
-        build_providers(config, registry),
+        build_providers(config, registry, introspection),
         compile_policy(config.rules),
         config.response,
         observer=observer or AuditObserver(config.audit),
@@ -82,8 +93,9 @@ class ExtauthzService:
     def __init__(self, path: Path, *, deadline_s: float, reload_interval_s: float) -> None:
         self.path = path
         self.registry = JwksRegistry()
+        self.introspection = IntrospectionRegistry()
         self.watcher: ConfigWatcher[Pipeline] = ConfigWatcher(
-            load=lambda: build_pipeline(path, self.registry, deadline_s=deadline_s),
+            load=lambda: build_pipeline(path, self.registry, introspection=self.introspection, deadline_s=deadline_s),
             watched=lambda current: watched_files(path, current),
             on_swap=self._on_swap,
             component="extauthz",
@@ -99,6 +111,9 @@ class ExtauthzService:
         await self.registry.retain(
             cache for provider in new.providers if isinstance(provider, JwtProvider) for cache in provider.caches
         )
+        await self.introspection.retain(
+            provider.state for provider in new.providers if isinstance(provider, IntrospectionProvider)
+        )
         # The pipeline being replaced records the repeats it answered now: no await follows, so none comes after.
         self.watcher.current.record_recalled()
 
@@ -111,6 +126,7 @@ class ExtauthzService:
         await self.watcher.close()
         await self.watcher.current.close()
         await self.registry.close()
+        await self.introspection.close()
 
 
 async def build_extauthz(runtime: ServiceRuntime) -> None:

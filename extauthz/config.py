@@ -31,7 +31,7 @@ class JwtIssuer:
     jwks_uri: str = ""  # one of jwks_uri, discovery, secret_env/secret
     discovery: bool = False  # fetch <issuer>/.well-known/openid-configuration for jwks_uri
     algorithms: tuple[str, ...] = ("RS256",)
-    secret: str = ""  # HS* only; prefer secret_env
+    secret: str = field(default="", repr=False)  # HS* only; prefer secret_env
     secret_env: str = ""
     refresh_interval_s: float = 300.0  # background JWKS refresh
     min_refetch_interval_s: float = 10.0  # unknown-kid refetch at most this often
@@ -61,19 +61,19 @@ class JwtSettings:
 class IntrospectionSettings:
     """OAuth2 token introspection (RFC 7662) for opaque bearer tokens; not configured while ``endpoint`` is empty."""
 
-    endpoint: str = ""
+    endpoint: str = ""  # https (plain http only to a loopback address: it carries the token and the secret)
     client_id: str = ""  # meshgate's own client, authenticated with HTTP Basic (client_secret_basic)
-    client_secret: str = ""  # read from client_secret_env when the policy loads; never logged
+    client_secret: str = field(default="", repr=False)  # read from client_secret_env at load; never logged
     client_secret_env: str = ""
     issuer: str = ""  # when set, an answer's ``iss`` (if any) must equal it; the identity's issuer either way
     audiences: tuple[str, ...] = ()  # when set, an answer's ``aud`` must name one of them
     sources: tuple[TokenSource, ...] = DEFAULT_TOKEN_SOURCES
     claims: ClaimMapping = field(default_factory=ClaimMapping)
     leeway_s: float = 30.0
-    timeout_s: float = 0.5  # one introspection call, on the request path: under the pipeline's deadline
+    timeout_s: float = 0.5  # one call, connect to last byte, on the request path: under the deadline
     cache_s: float = 60.0  # an active answer is reused this long at most, never past the token's exp
     negative_cache_s: float = 10.0  # an inactive answer
-    max_concurrent: int = 32  # calls in flight at once; a request past it is answered 503 at once
+    max_concurrent: int = 32  # calls at once; more wait (QUEUED_PER_SLOT each), past that 503
     cache_size: int = 10_000
 
 

@@ -31,7 +31,7 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
         timeout_seconds: 0.5
         cache_seconds: 60                       # an active answer, never past the token's exp
         negative_cache_seconds: 10              # an inactive one
-        max_concurrent: 32                      # calls in flight; past it a request is answered 503 at once
+        max_concurrent: 32                      # calls at once; more wait (8 per slot), then 503
         cache_size: 10000
       api_key: {keys_file: keys.yaml, header: x-api-key, authorization_scheme: ApiKey}
       spiffe: {trust_domains: [cluster.local], from_xfcc: true}   # xfcc_skip_by: [spiffe://...] (see mtls.py)
@@ -69,11 +69,13 @@ symlinks, so a Kubernetes ConfigMap's ``..data`` swap is followed.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from extauthz.config import (
     DEFAULT_TOKEN_SOURCES,
@@ -264,6 +266,8 @@ def _introspection(r: Reader, env: Mapping[str, str]) -> IntrospectionSettings:
     endpoint = r.require("endpoint", str)
     if not _is_http_url(endpoint):
         raise r.error("endpoint", "must be an http(s) URL")
+    if not endpoint.startswith("https://") and not _is_loopback_url(endpoint):
+        raise r.error("endpoint", "must be https (it carries the token and the client secret), or on loopback")
     client_id = r.require("client_id", str)
     if not client_id:
         raise r.error("client_id", "must not be empty")
@@ -331,6 +335,16 @@ def _claims(r: Reader) -> ClaimMapping:
         raise r.error("subject", "must name a claim")
     r.done()
     return claims
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_http_url(value: str) -> bool:

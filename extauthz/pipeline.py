@@ -24,7 +24,7 @@ from extauthz import response
 from extauthz.config import ResponseSettings
 from extauthz.identity.base import WITHDRAWALS, IdentityProvider, RefreshNeeded
 from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, Reason
-from extauthz.policy_api import CompiledPolicy
+from extauthz.policy_api import CompiledPolicy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,22 @@ class Pipeline:
         for provider in self.providers:
             try:
                 identity = provider.authenticate(inp)
+            except RefreshNeeded:
+                # A public route (or a deny that needs no identity) is answered without the I/O: a token sent
+                # along must not make it wait for, or fail with, an identity provider.
+                verdict = self.policy.without_identity(inp)
+                if verdict is None:
+                    raise
+                return self._verdict(inp, verdict, None)
             except AuthenticationError as error:
                 if auth_error is None or auth_error.foreign:
                     auth_error = error
                 continue
             if identity is not None:
                 break
-        verdict = self.policy.evaluate(inp, identity, auth_error)
+        return self._verdict(inp, self.policy.evaluate(inp, identity, auth_error), identity)
+
+    def _verdict(self, inp: CheckInput, verdict: Verdict, identity: Identity | None) -> Decision:
         if verdict.allowed:
             return self._allow(identity, verdict.rule, verdict.reason)
         return response.deny(

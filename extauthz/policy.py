@@ -279,15 +279,30 @@ class Policy:
         self._fallback = _bucket(compiled, None)
         self._uses_host = any(rule.uses_host for rule in compiled)
 
-    def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
+    def _bucket(self, inp: CheckInput) -> tuple[_Bucket, str, str]:
         method = inp.method
         bucket = self._by_method.get(method)
         if bucket is None:
             bucket = self._by_method.get(method.upper(), self._fallback)
-        deny, public, allow = bucket
         host = bare = ""
         if self._uses_host:
             host, bare = host_parts(inp.host)
+        return bucket, host, bare
+
+    def without_identity(self, inp: CheckInput) -> Verdict | None:
+        """The verdict when no identity can change it: a deny rule that needs none matches, or a public rule does
+        and no deny rule that needs an identity might. None when the verdict depends on who calls."""
+        (deny, public, _), host, bare = self._bucket(inp)
+        for request, requires, verdict, _ in deny:
+            if request(inp, host, bare):
+                return verdict if requires is None else None
+        for request, _, verdict, _ in public:
+            if request(inp, host, bare):
+                return verdict
+        return None
+
+    def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
+        (deny, public, allow), host, bare = self._bucket(inp)
         for request, requires, verdict, _ in deny:
             if request(inp, host, bare) and (requires is None or (identity is not None and requires(identity))):
                 return verdict

@@ -30,3 +30,8 @@ class CompiledPolicy(Protocol):
         present but rejected, else ``missing_credential``. With an identity that no allow rule admits, 403.
         """
         ...
+
+    def without_identity(self, inp: CheckInput) -> Verdict | None:
+        """The verdict if no identity could change it (a deny rule needing none, or a public rule with no deny
+        rule that needs an identity in the way), else None: lets the pipeline answer without identity I/O."""
+        ...

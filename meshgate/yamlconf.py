@@ -119,7 +119,9 @@ def loads(text: str, source: str) -> Any:
     except ConfigError:
         raise
     except yaml.reader.ReaderError as error:
-        line = _line_at(text, max(error.position, 0), in_bytes=isinstance(loader, _LibyamlLoader) or loader is None)
+        # PyYAML's reader refuses in the constructor (loader is still None) and counts characters; libyaml bytes.
+        libyaml = isinstance(loader, _LibyamlLoader) or (loader is None and LOADER is _LibyamlLoader)
+        line = _line_at(text, max(error.position, 0), in_bytes=libyaml)
         what = f" (#x{error.character:04x})" if isinstance(error.character, int) else ""
         raise ConfigError(source, line, f"invalid YAML: {error.reason}{what}") from None
     except yaml.MarkedYAMLError as error:

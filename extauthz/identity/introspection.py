@@ -1,36 +1,43 @@
 """Opaque OAuth2 bearer tokens, checked at the issuer's introspection endpoint (RFC 7662).
 
 A token's first request raises ``RefreshNeeded``: the pipeline awaits the call (one per token however many requests
-wait for it, at most ``max_concurrent`` tokens at once, each within ``timeout_seconds``) and then decides from the
-cached answer. Answers are cached by the token's SHA-256: an active one for ``cache_seconds`` at most and never past
-the token's ``exp``, an inactive one for ``negative_cache_seconds``. An endpoint that fails or does not answer in
-time is not cached: the request is answered 503 (``introspection_unavailable``), never let through, and the next
-request asks again.
+wait for it; at most ``max_concurrent`` calls at once, the next ones queued, each within ``timeout_seconds`` from
+start to end) and then decides from its answer. Answers are cached by the token's SHA-256: an active one for
+``cache_seconds`` at most and never past the token's ``exp``, an inactive one for ``negative_cache_seconds``. An
+endpoint that fails or does not answer in time is not cached: the request is answered 503
+(``introspection_unavailable``), never let through, and the next request asks again.
 
-meshgate authenticates itself with HTTP Basic (``client_secret_basic``, RFC 6749 2.3.1) and never follows a
-redirect, which would carry its credentials and the token elsewhere.
+Only access tokens pass: an answer that says the token is a refresh, offline or ID token (Ory Hydra's
+``token_use``, Keycloak's ``typ``, ``token_type``) is refused, so a leaked refresh token is no API credential. Tokens
+that a configured JWT issuer owns are left to the JWT provider (``skip``): a JWT it refused is not asked about.
+
+The cache, the queue and the pooled HTTP client live in an ``IntrospectionState`` that outlives policy reloads
+(``IntrospectionRegistry``), so a reload neither forgets the tokens already checked nor re-asks about all of them.
+meshgate authenticates with HTTP Basic (``client_secret_basic``, RFC 6749 2.3.1) and never follows a redirect,
+which would carry its credentials and the token elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import ssl
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote_plus, urlencode
 
+import httpx
 from cachetools import TLRUCache
 from prometheus_client import Counter
 
 from extauthz.config import IntrospectionSettings
 from extauthz.identity.base import RefreshNeeded
-from extauthz.identity.http_json import FetchError, fetch_json
 from extauthz.identity.tokens import TokenFinder, check_times, found_in, map_claims, scalar, token_digest
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 from meshgate.log import redact_url
@@ -38,17 +45,24 @@ from meshgate.log import redact_url
 log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 64 * 1024
-MIN_REUSE_S = 1.0  # an answer serves the requests that waited for it, even with a cache time of 0
+MIN_REUSE_S = 1.0  # an answer stays at least this long, so the requests that waited for it find it
+QUEUED_PER_SLOT = 8  # calls that may wait for a free slot, per slot; past that a new token is answered 503 at once
+# What an answer may call a token that is not an access token (compared in lower case).
+NOT_ACCESS_TOKENS = frozenset({"refresh", "refresh_token", "offline", "id", "id_token", "logout"})
 
 _CALLS = Counter(
     "meshgate_introspection_calls_total",
-    "Token introspection calls by result (active, inactive, error; busy = refused past max_concurrent)",
+    "Token introspection calls by result (active, inactive, error; busy = refused, too many waiting)",
     ["result"],
 )
 _LOOKUPS = Counter("meshgate_introspection_cache_total", "Introspected-token cache lookups", ["result"])
 _HIT, _MISS = _LOOKUPS.labels("hit"), _LOOKUPS.labels("miss")
 for _result in ("active", "inactive", "error", "busy"):
     _CALLS.labels(_result)
+
+
+class IntrospectionError(Exception):
+    """A call failed or its answer is unusable; the message is safe to log (no token, no secret)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,35 +72,122 @@ class _Answer:
     until: float
 
 
-class IntrospectionProvider:
-    kind = IdentityKind.INTROSPECTION
+class IntrospectionState:
+    """What outlives a policy reload for one introspection setting: answers, calls in flight, the HTTP client."""
 
     def __init__(self, settings: IntrospectionSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self._clock = clock
-        self._tokens = TokenFinder(settings.sources)
-        self.request_headers = self._tokens.request_headers
-        self.reads_query = self._tokens.reads_query
-        self._cache: TLRUCache[bytes, _Answer] = TLRUCache(
-            maxsize=max(settings.cache_size, 1), ttu=lambda _key, answer, _now: answer.until, timer=clock
+        self.clock = clock
+        # At least one answer per call that may be in flight, so an answer is there when its waiters look.
+        self.cache: TLRUCache[bytes, _Answer] = TLRUCache(
+            maxsize=max(settings.cache_size, settings.max_concurrent),
+            ttu=lambda _key, answer, _now: answer.until,
+            timer=clock,
         )
-        self._inflight: dict[bytes, asyncio.Task[None]] = {}
+        self.inflight: dict[bytes, asyncio.Task[_Answer | None]] = {}
+        self.queued = 0  # calls started and not finished (running or waiting for a slot)
+        self._slots: asyncio.Semaphore | None = None
+        self._client: httpx.AsyncClient | None = None
         credentials = f"{quote_plus(settings.client_id)}:{quote_plus(settings.client_secret)}"
         self._headers = {
             "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode(),
             "Content-Type": "application/x-www-form-urlencoded",
+            "Accept": "application/json",
+            "User-Agent": "meshgate",
         }
-        self._executor: ThreadPoolExecutor | None = None
+
+    async def close(self) -> None:
+        for task in list(self.inflight.values()):
+            task.cancel()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def post(self, token: str) -> Any:
+        """The endpoint's JSON answer about ``token``, within ``timeout_seconds`` from start to end."""
+        settings = self.settings
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(settings.max_concurrent)
+        if self._client is None:
+            limits = httpx.Limits(max_connections=settings.max_concurrent, max_keepalive_connections=8)
+            # The system's trust store (SSL_CERT_FILE honoured), as for JWKS fetches.
+            self._client = httpx.AsyncClient(limits=limits, verify=ssl.create_default_context(), trust_env=False)
+        client = self._client
+        what = f"POST {redact_url(settings.endpoint)}"
+        body = urlencode({"token": token, "token_type_hint": "access_token"}).encode()
+        async with self._slots:
+            try:
+                async with asyncio.timeout(settings.timeout_s):
+                    async with client.stream("POST", settings.endpoint, content=body, headers=self._headers) as answer:
+                        if answer.status_code != 200:
+                            raise IntrospectionError(f"{what}: HTTP {answer.status_code}")
+                        chunks: list[bytes] = []
+                        size = 0
+                        async for chunk in answer.aiter_raw():
+                            size += len(chunk)
+                            if size > MAX_ANSWER_BYTES:
+                                raise IntrospectionError(f"{what}: answer larger than {MAX_ANSWER_BYTES} bytes")
+                            chunks.append(chunk)
+            except TimeoutError:
+                raise IntrospectionError(f"{what}: no answer within {settings.timeout_s} s") from None
+            except httpx.HTTPError as error:
+                raise IntrospectionError(f"{what}: {type(error).__name__}: {error}") from None
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
+            raise IntrospectionError(f"{what}: not JSON: {error}") from None
+
+
+class IntrospectionRegistry:
+    """Introspection states shared across policy reloads, one per distinct setting."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._states: dict[IntrospectionSettings, IntrospectionState] = {}
+
+    def get_or_create(self, settings: IntrospectionSettings) -> IntrospectionState:
+        # setdefault is atomic under the GIL: a reload builds its pipeline in a worker thread.
+        return self._states.setdefault(settings, IntrospectionState(settings, self._clock))
+
+    async def retain(self, used: Iterable[IntrospectionState]) -> None:
+        """Close and forget every state not in ``used`` (after a reload swapped in a new policy)."""
+        keep = {id(state) for state in used}
+        for settings, state in list(self._states.items()):
+            if id(state) not in keep:
+                del self._states[settings]
+                await state.close()
+
+    async def close(self) -> None:
+        await self.retain(())
+
+
+class IntrospectionProvider:
+    kind = IdentityKind.INTROSPECTION
+
+    def __init__(
+        self,
+        settings: IntrospectionSettings,
+        state: IntrospectionState | None = None,
+        *,
+        skip: Callable[[str], bool] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        # Without a shared state the provider owns its own and closes it itself.
+        self._owns_state = state is None
+        self.state = state or IntrospectionState(settings, clock)
+        self._skip = skip
+        self._tokens = TokenFinder(settings.sources)
+        self.request_headers = self._tokens.request_headers
+        self.reads_query = self._tokens.reads_query
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_state:
+            await self.state.close()
 
     # -- request path ----------------------------------------------------------------------------------------
     def authenticate(self, inp: CheckInput) -> Identity | None:
@@ -94,8 +195,10 @@ class IntrospectionProvider:
         if found is None:
             return None
         token, header = found
+        if self._skip is not None and self._skip(token):
+            return None  # a configured JWT issuer's token: the JWT provider's verdict stands
         digest = token_digest(token)
-        answer = self._cache.get(digest)
+        answer = self.state.cache.get(digest)
         if answer is None:
             _MISS.inc()
             raise RefreshNeeded(
@@ -112,54 +215,50 @@ class IntrospectionProvider:
 
     # -- I/O -------------------------------------------------------------------------------------------------
     async def _introspect(self, token: str, digest: bytes, header: str) -> None:
-        """Ask the endpoint about ``token`` (or join the call already asking); the answer lands in the cache."""
-        task = self._inflight.get(digest)
+        """Ask the endpoint about ``token`` (or join the call already asking), then make sure its answer is in the
+        cache when the pipeline looks again (right after this returns, with no await between)."""
+        state = self.state
+        task = state.inflight.get(digest)
         if task is None:
-            if len(self._inflight) >= self.settings.max_concurrent:
+            if state.queued >= state.settings.max_concurrent * QUEUED_PER_SLOT:
                 _CALLS.labels("busy").inc()
                 return  # still not cached: the pipeline answers 503 now
-            task = asyncio.get_running_loop().create_task(self._call(token, digest, header))
-            self._inflight[digest] = task
-            task.add_done_callback(lambda _done: self._inflight.pop(digest, None))
+            task = asyncio.get_running_loop().create_task(self._call(token, header))
+            state.inflight[digest] = task
+            state.queued += 1
+            task.add_done_callback(partial(self._call_done, digest))
         # Shielded: one waiter giving up (its deadline) must not cancel the call the others wait for.
-        await asyncio.shield(task)
+        answer = await asyncio.shield(task)
+        if answer is not None:
+            state.cache[digest] = answer  # again: other answers may have pushed it out meanwhile
 
-    async def _call(self, token: str, digest: bytes, header: str) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.settings.max_concurrent, thread_name_prefix="introspection")
-        loop = asyncio.get_running_loop()
+    def _call_done(self, digest: bytes, task: asyncio.Task[_Answer | None]) -> None:
+        state = self.state
+        state.queued -= 1
+        if state.inflight.get(digest) is task:
+            del state.inflight[digest]
+        if not task.cancelled() and task.exception() is None and (answer := task.result()) is not None:
+            state.cache[digest] = answer
+
+    async def _call(self, token: str, header: str) -> _Answer | None:
         try:
-            document = await loop.run_in_executor(self._executor, self._post, token)
-            answer = self._answer(document, header)
-        except FetchError as error:
+            answer = self._answer(await self.state.post(token), header)
+        except IntrospectionError as error:
             _CALLS.labels("error").inc()
             log.warning("token introspection failed: %s", error)
-            return
+            return None
         except Exception:
             _CALLS.labels("error").inc()
             log.exception("token introspection failed")
-            return
+            return None
         _CALLS.labels("active" if answer.identity is not None else "inactive").inc()
-        self._cache[digest] = answer
-
-    def _post(self, token: str) -> Any:
-        body = urlencode({"token": token, "token_type_hint": "access_token"}).encode()
-        document, _ = fetch_json(
-            self.settings.endpoint,
-            timeout_s=self.settings.timeout_s,
-            max_bytes=MAX_ANSWER_BYTES,
-            data=body,
-            headers=self._headers,
-            follow_redirects=False,
-        )
-        return document
+        return answer
 
     def _answer(self, document: Any, header: str) -> _Answer:
-        """What a token's introspection answer means for its next requests: kept at least ``MIN_REUSE_S``, so that
-        the requests that waited for it find it."""
+        """What a token's introspection answer means for its next requests."""
         if not isinstance(document, dict):
-            raise FetchError(f"POST {redact_url(self.settings.endpoint)}: the answer is not a JSON object")
-        now = self._clock()
+            raise IntrospectionError(f"POST {redact_url(self.settings.endpoint)}: the answer is not a JSON object")
+        now = self.state.clock()
         try:
             identity = self._identity(document, header, now)
         except AuthenticationError as error:
@@ -170,6 +269,8 @@ class IntrospectionProvider:
         settings = self.settings
         if claims.get("active") is not True:
             raise AuthenticationError(Reason.INACTIVE_TOKEN, "token is not active")
+        if not _is_access_token(claims):
+            raise AuthenticationError(Reason.INVALID_TOKEN, "not an access token")
         issuer = claims.get("iss")
         if settings.issuer and issuer is not None and issuer != settings.issuer:
             raise AuthenticationError(Reason.INVALID_ISSUER, "token issuer is not trusted")
@@ -197,3 +298,15 @@ class IntrospectionProvider:
             credential_header=header,
             expires_at=until if exp is None else min(until, exp),
         )
+
+
+def _is_access_token(claims: Mapping[str, Any]) -> bool:
+    """False when the answer says the token is something else (refresh, offline, ID token)."""
+    token_use = claims.get("token_use")  # Ory Hydra, AWS Cognito
+    if token_use is not None and token_use not in ("access_token", "access"):
+        return False
+    for name in ("typ", "token_type"):  # Keycloak: typ Bearer / Refresh / Offline / ID
+        value = claims.get(name)
+        if value is not None and (not isinstance(value, str) or value.lower() in NOT_ACCESS_TOKENS):
+            return False
+    return True

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import logging
 import math
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +27,7 @@ from prometheus_client import Counter, Gauge
 
 from extauthz.config import JwtIssuer
 from extauthz.identity.base import WITHDRAWALS
-from extauthz.identity.http_json import FetchError, fetch_json
+from meshgate.log import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,25 @@ def parse_jwks(document: Any, algorithms: Iterable[str], issuer: str = "") -> _K
 
 def _http_get_json(url: str, timeout_s: float) -> tuple[Any, float | None]:
     """The JSON document at ``url`` and its ``Cache-Control: max-age`` in seconds (None when it gives none)."""
+    if not url.startswith(("http://", "https://")):
+        raise JwksFetchError(f"unsupported URL scheme in {redact_url(url)!r}")
+    what = f"GET {redact_url(url)}"
+    headers = {"Accept": "application/json", "User-Agent": "meshgate"}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     try:
-        document, headers = fetch_json(url, timeout_s=timeout_s, max_bytes=MAX_DOCUMENT_BYTES)
-    except FetchError as error:
-        raise JwksFetchError(str(error)) from None
-    return document, max_age_of(headers.get("Cache-Control", ""), headers.get("Age", ""))
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - scheme checked above
+            body = answer.read(MAX_DOCUMENT_BYTES + 1)
+            max_age = max_age_of(answer.headers.get("Cache-Control", ""), answer.headers.get("Age", ""))
+    except OSError as error:  # URLError, HTTPError, timeouts, refused connections
+        raise JwksFetchError(f"{what}: {error}") from None
+    except http.client.HTTPException as error:  # a broken answer; its own text is the server's, not shown
+        raise JwksFetchError(f"{what}: {type(error).__name__}") from None
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise JwksFetchError(f"{what}: document larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(body), max_age
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise JwksFetchError(f"{what}: not JSON: {error}") from None
 
 
 def max_age_of(cache_control: str, age: str = "") -> float | None:

@@ -121,6 +121,13 @@ class JwtProvider:
             await self._registry.close()
 
     # -- request path ----------------------------------------------------------------------------------------
+    def owns(self, token: str) -> bool:
+        """Whether ``token`` is a JWT that names one of this provider's issuers (unverified): its verdict is final."""
+        try:
+            return _peek(token)[1].get("iss") in self._issuers
+        except (AuthenticationError, TypeError):  # not a JWT; an unhashable iss
+            return False
+
     def authenticate(self, inp: CheckInput) -> Identity | None:
         found = self._tokens.find(inp)
         if found is None:

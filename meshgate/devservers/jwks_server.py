@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote_plus
+from urllib.parse import parse_qs, unquote_plus
 
 from meshgate.devservers.signing import SigningKey, jwks_document
 
@@ -295,15 +295,25 @@ class JwksServer:
         return 404, b'{"error":"not found"}'
 
     def _introspect(self, head: bytes, body: bytes) -> tuple[int, bytes]:
-        client_id, secret = self.introspection_client
-        expected = base64.b64encode(f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()).decode()
-        lines = head.decode("latin-1").split("\r\n")[1:]
-        given = [line.split(":", 1)[1].split() for line in lines if line.lower().startswith("authorization:")]
-        if len(given) != 1 or len(given[0]) != 2 or given[0][0].lower() != "basic" or given[0][1] != expected:
+        if _basic_credentials(head) != self.introspection_client:
             return 401, b'{"error":"invalid_client"}'
         self.introspections += 1
         token = "".join(parse_qs(body.decode("latin-1")).get("token", []))
         return 200, json.dumps(self._granted.get(token, {"active": False})).encode()
+
+
+def _basic_credentials(head: bytes) -> tuple[str, str] | None:
+    """The client id and secret of the one ``Authorization: Basic`` header, decoded as RFC 6749 2.3.1 says
+    (base64 of the form-urlencoded id and secret, joined by a colon)."""
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    given = [line.split(":", 1)[1].split() for line in lines if line.lower().startswith("authorization:")]
+    if len(given) != 1 or len(given[0]) != 2 or given[0][0].lower() != "basic":
+        return None
+    try:
+        client_id, sep, secret = base64.b64decode(given[0][1], validate=True).decode().partition(":")
+    except ValueError:
+        return None
+    return (unquote_plus(client_id), unquote_plus(secret)) if sep else None
 
 
 def _content_length(head: bytes) -> int:

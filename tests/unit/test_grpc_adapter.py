@@ -69,6 +69,9 @@ class FakeProvider:
 
 
 class FakePolicy:
+    def without_identity(self, inp: CheckInput) -> Verdict | None:
+        return None
+
     def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
         if inp.path == "/public":
             return Verdict(True, 200, Reason.PUBLIC, rule="public")

@@ -648,6 +648,9 @@ async def test_a_request_of_the_same_shape_is_answered_from_memory_only_while_it
 
 
 class NoAdminsPolicy(DeclaredPolicy):
+    def without_identity(self, inp: CheckInput) -> Verdict | None:
+        return None
+
     def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
         if inp.path.startswith("/admin"):
             return Verdict(False, 403, Reason.FORBIDDEN, rule="no-admins", message="forbidden")

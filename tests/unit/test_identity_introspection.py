@@ -7,6 +7,7 @@ import asyncio
 import http.server
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,14 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from extauthz.app import build_pipeline
+from extauthz.app import ExtauthzService, build_pipeline
 from extauthz.config import IntrospectionSettings, TokenSource
 from extauthz.identity.base import RefreshNeeded
-from extauthz.identity.http_json import FetchError, fetch_json
 from extauthz.identity.introspection import IntrospectionProvider
 from extauthz.identity.jwks import JwksRegistry
 from extauthz.model import AuthenticationError, CheckInput, IdentityKind, Reason
 from meshgate.devservers.jwks_server import JwksServer
+from meshgate.devservers.signing import generate_rsa_key, mint_token
 
 NOW = 1_800_000_000.0
 SECRET = "introspection-secret"
@@ -73,7 +74,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def provider(server: JwksServer, clock: Clock) -> AsyncIterator[IntrospectionProvider]:
-    made = IntrospectionProvider(settings_for(server), clock)
+    made = IntrospectionProvider(settings_for(server), clock=clock)
     yield made
     await made.close()
 
@@ -145,7 +146,7 @@ async def test_a_revoked_token_stops_when_its_cached_answer_runs_out(
 
 async def test_never_cached_past_the_token_exp(server: JwksServer, clock: Clock) -> None:
     server.grant("short", {"sub": "s", "exp": int(NOW) + 5})
-    provider = IntrospectionProvider(settings_for(server, leeway_s=0), clock)
+    provider = IntrospectionProvider(settings_for(server, leeway_s=0), clock=clock)
     identity = await introspected(provider, bearer("short"))
     assert identity.expires_at == NOW + 5
     clock.now += 5.5
@@ -170,7 +171,7 @@ async def test_active_answers_are_still_checked(
 ) -> None:
     server.grant("t", claims)
     provider = IntrospectionProvider(
-        settings_for(server, leeway_s=5, issuer="https://idp.test", audiences=("orders-api",)), clock
+        settings_for(server, leeway_s=5, issuer="https://idp.test", audiences=("orders-api",)), clock=clock
     )
     with pytest.raises(AuthenticationError) as refused:
         await introspected(provider, bearer("t"))
@@ -186,21 +187,108 @@ async def test_concurrent_requests_for_one_token_share_one_call(
     assert server.introspections == 1
 
 
-async def test_past_max_concurrent_a_token_is_not_introspected(server: JwksServer, clock: Clock) -> None:
-    provider = IntrospectionProvider(settings_for(server, max_concurrent=1), clock)
-    server.delay_s = 0.1
+async def test_calls_past_max_concurrent_wait_their_turn(server: JwksServer, clock: Clock) -> None:
+    """A burst of new tokens is queued, not refused: at most max_concurrent calls at once, all answered."""
+    provider = IntrospectionProvider(settings_for(server, max_concurrent=2), clock=clock)
+    tokens = [f"burst-{n}" for n in range(12)]
+    for token in tokens:
+        server.grant(token, {"sub": token})
+    server.delay_s = 0.02
+    identities = await asyncio.gather(*(introspected(provider, bearer(token)) for token in tokens))
+    assert [identity.subject for identity in identities] == tokens
+    assert server.introspections == 12
+    assert (provider.state.queued, provider.state.inflight) == (0, {})
+    await provider.close()
+
+
+async def test_past_the_queue_a_new_token_is_answered_503_at_once(server: JwksServer, clock: Clock) -> None:
+    provider = IntrospectionProvider(settings_for(server, max_concurrent=1), clock=clock)
+    server.delay_s = 0.2
     busy = calls("busy")
-    first = asyncio.ensure_future(introspected(provider, bearer("opaque-alice")))
-    await asyncio.sleep(0.02)
+    queued = [asyncio.ensure_future(introspected(provider, bearer(f"q-{n}"))) for n in range(8)]  # 1 x 8 slots
+    await asyncio.sleep(0.05)
     with pytest.raises(RefreshNeeded) as needed:
-        provider.authenticate(bearer("opaque-machine"))
+        provider.authenticate(bearer("one-too-many"))
     await needed.value.refresh()  # returns at once without a call
     assert calls("busy") == busy + 1
-    with pytest.raises(RefreshNeeded):
-        provider.authenticate(bearer("opaque-machine"))
-    assert (await first).subject == "alice"
-    assert server.introspections == 1
+    for waiting in queued:
+        waiting.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
     await provider.close()
+
+
+async def test_cache_size_zero_still_answers_every_waiter(server: JwksServer, clock: Clock) -> None:
+    """The answers of concurrent calls never push one another out before their waiters read them."""
+    provider = IntrospectionProvider(settings_for(server, cache_size=0, max_concurrent=4), clock=clock)
+    tokens = [f"small-{n}" for n in range(20)]
+    for token in tokens:
+        server.grant(token, {"sub": token})
+    identities = await asyncio.gather(*(introspected(provider, bearer(token)) for token in tokens))
+    assert [identity.subject for identity in identities] == tokens
+    await provider.close()
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "x", "token_use": "refresh_token"},  # Ory Hydra
+        {"sub": "x", "typ": "Refresh"},  # Keycloak
+        {"sub": "x", "typ": "Offline"},
+        {"sub": "x", "typ": "ID"},
+        {"sub": "x", "token_type": "refresh_token"},
+        {"sub": "x", "token_type": 7},
+    ],
+)
+async def test_only_access_tokens_are_credentials(server: JwksServer, clock: Clock, claims: dict[str, Any]) -> None:
+    """A leaked refresh token must not work against the APIs, whatever the endpoint says about being active."""
+    server.grant("not-access", claims)
+    provider = IntrospectionProvider(settings_for(server), clock=clock)
+    with pytest.raises(AuthenticationError, match="not an access token") as refused:
+        await introspected(provider, bearer("not-access"))
+    assert refused.value.reason is Reason.INVALID_TOKEN
+    server.grant("access", {"sub": "x", "typ": "Bearer", "token_type": "Bearer", "token_use": "access_token"})
+    assert (await introspected(provider, bearer("access"))).subject == "x"
+
+
+async def test_client_credentials_are_form_encoded_before_basic(server: JwksServer, clock: Clock) -> None:
+    """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined by ':' and base64'd (a ':' or '+' in them
+    would otherwise be read as another id or secret)."""
+    server.introspection_client = ("meshgate:eu", "s3cr+t/:& =x")
+    provider = IntrospectionProvider(
+        settings_for(server, client_id="meshgate:eu", client_secret="s3cr+t/:& =x"), clock=clock
+    )
+    assert (await introspected(provider, bearer("opaque-alice"))).subject == "alice"
+
+
+async def test_timeout_seconds_bounds_the_whole_call(clock: Clock) -> None:
+    """An endpoint that sends its answer a byte at a time, each within any per-read timeout, is cut off at
+    timeout_seconds from the start, and its slot is free again."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + b'{"active": true}':
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = IntrospectionSettings(
+        endpoint=f"http://127.0.0.1:{port}/introspect", client_id="c", client_secret="s", timeout_s=0.3
+    )
+    provider = IntrospectionProvider(settings, clock=clock)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(RefreshNeeded):
+        await introspected(provider, bearer("slow"))
+    assert asyncio.get_running_loop().time() - started < 2.5  # bounded: the whole answer would take ~3 s
+    assert (provider.state.queued, provider.state.inflight) == (0, {})
+    await provider.close()
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.mark.parametrize("trouble", ["down", "503", "garbage", "list", "wrong-secret"])
@@ -208,7 +296,7 @@ async def test_a_failing_endpoint_caches_nothing_and_logs_no_secret(
     server: JwksServer, clock: Clock, caplog: pytest.LogCaptureFixture, trouble: str
 ) -> None:
     overrides: dict[str, Any] = {"client_secret": "not-the-secret"} if trouble == "wrong-secret" else {}
-    provider = IntrospectionProvider(settings_for(server, **overrides), clock)
+    provider = IntrospectionProvider(settings_for(server, **overrides), clock=clock)
     if trouble == "down":
         server.down()
     elif trouble == "503":
@@ -227,7 +315,7 @@ async def test_a_failing_endpoint_caches_nothing_and_logs_no_secret(
 
 async def test_a_token_found_in_another_source_strips_that_source(server: JwksServer, clock: Clock) -> None:
     sources = (TokenSource(header="authorization", prefix="Bearer "), TokenSource(header="x-token"))
-    provider = IntrospectionProvider(settings_for(server, sources=sources), clock)
+    provider = IntrospectionProvider(settings_for(server, sources=sources), clock=clock)
     await introspected(provider, bearer("opaque-alice"))
     other = CheckInput(method="GET", host="h", path="/", headers={"x-token": "opaque-alice"})
     assert provider.authenticate(other).credential_header == "x-token"
@@ -251,9 +339,9 @@ class _Redirecting(http.server.BaseHTTPRequestHandler):
             self.end_headers()
         else:
             self.send_response(200)
-            self.send_header("Content-Length", "16")
+            self.send_header("Content-Length", "31")
             self.end_headers()
-            self.wfile.write(b'{"active": true}')
+            self.wfile.write(b'{"active": true, "sub": "evil"}')
 
     def log_message(self, *args: Any) -> None:
         return None
@@ -270,23 +358,16 @@ def redirecting() -> Iterator[http.server.HTTPServer]:
     httpd.server_close()
 
 
-def test_a_call_with_credentials_never_follows_a_redirect(redirecting: http.server.HTTPServer) -> None:
-    url = f"http://127.0.0.1:{redirecting.server_address[1]}/introspect"
-    with pytest.raises(FetchError, match="307"):
-        fetch_json(
-            url,
-            timeout_s=2,
-            max_bytes=1024,
-            data=b"token=t",
-            headers={"Authorization": "Basic c2VjcmV0"},
-            follow_redirects=False,
-        )
+async def test_a_redirect_is_never_followed(redirecting: http.server.HTTPServer, clock: Clock) -> None:
+    """Following it would send the client credentials and the token wherever the redirect points."""
+    endpoint = f"http://127.0.0.1:{redirecting.server_address[1]}/introspect"
+    provider = IntrospectionProvider(
+        IntrospectionSettings(endpoint=endpoint, client_id="c", client_secret="s"), clock=clock
+    )
+    with pytest.raises(RefreshNeeded):
+        await introspected(provider, bearer("t"))
     assert [path for path, _ in _Redirecting.seen] == ["/introspect"]
-
-
-def test_fetch_json_refuses_other_schemes() -> None:
-    with pytest.raises(FetchError, match="unsupported URL scheme"):
-        fetch_json("file:///etc/passwd", timeout_s=1, max_bytes=10)
+    await provider.close()
 
 
 # -- through the pipeline, from a policy file ----------------------------------------------------------------
@@ -305,36 +386,114 @@ identity:
 rules:
   - name: readers
     match: {{path_prefixes: [/orders]}}
-    identity: {{kinds: [introspection], scopes_all: [orders:read]}}
-"""
+    identity: {{kinds: [introspection, jwt], scopes_all: [orders:read]}}
+  - name: docs
+    public: true
+    match: {{path_prefixes: [/docs]}}
+  - name: no-debug
+    effect: deny
+    match: {{path_prefixes: [/debug]}}
+  - name: no-gold-on-docs-admin
+    effect: deny
+    match: {{path_prefixes: [/docs/admin]}}
+    identity: {{tiers: [gold]}}
+{extra_rules}"""
 
 
-async def test_the_pipeline_allows_denies_and_fails_closed(
-    server: JwksServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def request(path: str, token: str) -> CheckInput:
+    return CheckInput(method="GET", host="h", path=path, headers={"authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def policy_file(server: JwksServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TEST_INTROSPECTION_SECRET", SECRET)
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.format(jwks=server.jwks_uri, endpoint=server.introspection_endpoint))
+    policy.write_text(POLICY.format(jwks=server.jwks_uri, endpoint=server.introspection_endpoint, extra_rules=""))
+    return policy
+
+
+async def test_the_pipeline_allows_denies_and_fails_closed(server: JwksServer, policy_file: Path) -> None:
     registry = JwksRegistry()
-    pipeline = build_pipeline(policy, registry)
+    pipeline = build_pipeline(policy_file, registry)
     await pipeline.start()
     try:
-
-        def request(token: str) -> CheckInput:
-            return CheckInput(method="GET", host="h", path="/orders", headers={"authorization": f"Bearer {token}"})
-
-        allowed = await pipeline.check(request("opaque-alice"))
+        allowed = await pipeline.check(request("/orders", "opaque-alice"))
         assert (allowed.status, allowed.identity and allowed.identity.subject) == (200, "alice")
         assert ("x-auth-subject", "alice") in allowed.headers_to_set
         assert "authorization" in allowed.headers_to_remove
         # An opaque token is no JWT: the introspection's verdict is the reason given, not "malformed token".
-        unknown = await pipeline.check(request("opaque-nobody"))
+        unknown = await pipeline.check(request("/orders", "opaque-nobody"))
         assert (unknown.status, unknown.reason) == (401, Reason.INACTIVE_TOKEN)
         # The endpoint down: a token not seen yet is answered 503, never let through; a cached one still works.
         server.down()
-        failed = await pipeline.check(request("opaque-machine"))
+        failed = await pipeline.check(request("/orders", "opaque-machine"))
         assert (failed.status, failed.reason) == (503, Reason.INTROSPECTION_UNAVAILABLE)
-        assert (await pipeline.check(request("opaque-alice"))).status == 200
+        assert (await pipeline.check(request("/orders", "opaque-alice"))).status == 200
     finally:
         await pipeline.close()
         await registry.close()
+
+
+async def test_a_jwt_of_a_configured_issuer_is_judged_by_the_jwt_provider_alone(
+    server: JwksServer, policy_file: Path
+) -> None:
+    """Refused by the JWT provider (wrong audience, unknown key): never sent to the endpoint, never let in by it."""
+    key, stranger = generate_rsa_key("k1"), generate_rsa_key("k-unknown")
+    server.rotate([key])
+    claims = {"iss": "https://idp.test", "sub": "eve", "scope": "orders:read", "exp": int(time.time()) + 600}
+    server.grant(
+        wrong_aud := mint_token(key, "k1", {**claims, "aud": "other-api"}), {"sub": "eve", "scope": "orders:read"}
+    )
+    unknown_key = mint_token(stranger, "k-unknown", {**claims, "aud": "orders-api"})
+    registry = JwksRegistry()
+    pipeline = build_pipeline(policy_file, registry)
+    await pipeline.start()
+    try:
+        refused = await pipeline.check(request("/orders", wrong_aud))
+        assert (refused.status, refused.reason) == (401, Reason.INVALID_AUDIENCE)
+        refused = await pipeline.check(request("/orders", unknown_key))
+        assert (refused.status, refused.reason) == (401, Reason.UNKNOWN_KEY)
+        assert server.introspections == 0
+        good = mint_token(key, "k1", {**claims, "aud": "orders-api"})
+        assert (await pipeline.check(request("/orders", good))).status == 200
+    finally:
+        await pipeline.close()
+        await registry.close()
+
+
+async def test_a_route_decided_without_identity_needs_no_introspection(server: JwksServer, policy_file: Path) -> None:
+    """A token sent to a public route (or one a deny rule refuses whoever calls) costs no call and works while the
+    endpoint is down; where a deny rule depends on who calls, the identity is still needed."""
+    registry = JwksRegistry()
+    pipeline = build_pipeline(policy_file, registry)
+    await pipeline.start()
+    server.down()
+    try:
+        public = await pipeline.check(request("/docs/intro", "opaque-anyone"))
+        assert (public.status, public.reason) == (200, Reason.PUBLIC)
+        denied = await pipeline.check(request("/debug/vars", "opaque-anyone"))
+        assert (denied.status, denied.reason) == (403, Reason.DENIED_BY_RULE)
+        depends = await pipeline.check(request("/docs/admin", "opaque-anyone"))
+        assert (depends.status, depends.reason) == (503, Reason.INTROSPECTION_UNAVAILABLE)
+        assert server.introspections == 0
+    finally:
+        await pipeline.close()
+        await registry.close()
+
+
+def append_rule(policy: Path, rule: str) -> None:
+    policy.write_text(policy.read_text() + f"  - {rule}\n")
+
+
+async def test_a_reload_keeps_the_tokens_already_introspected(server: JwksServer, policy_file: Path) -> None:
+    service = ExtauthzService(policy_file, deadline_s=1.0, reload_interval_s=60)
+    await service.start()
+    try:
+        assert (await service.pipeline().check(request("/orders", "opaque-alice"))).status == 200
+        server.down()
+        append_rule(policy_file, "{name: extra, public: true, match: {paths: [/x]}}")
+        assert await service.watcher.check_now()
+        assert (await service.pipeline().check(request("/orders", "opaque-alice"))).status == 200
+        assert server.introspections == 1
+    finally:
+        await service.close()

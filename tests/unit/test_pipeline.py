@@ -70,6 +70,9 @@ class RefreshingProvider:
 class Policy:
     """Allow any identity; 401 without; 403 for 'mallory'."""
 
+    def without_identity(self, inp: CheckInput) -> Verdict | None:
+        return None
+
     def evaluate(self, inp: CheckInput, identity: Identity | None, auth_error: AuthenticationError | None) -> Verdict:
         if identity is None:
             if auth_error is not None:

@@ -129,7 +129,12 @@ def test_bad_documents(text: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "line"),
-    [("a: ééé\nb: \x07\n", 2), ("é\né\né: x\x07", 3), ("\x07", 1)],
+    [
+        ("a: ééé\nb: \x07\n", 2),
+        ("é\né\né: x\x07", 3),
+        ("\x07", 1),
+        ("name: ééééééééééé\nother: ééé\nbad: \x07\n", 3),  # bytes and characters name different lines
+    ],
 )
 def test_a_bad_character_is_reported_on_its_line_after_multibyte_text(text: str, line: int) -> None:
     with pytest.raises(ConfigError, match=r"\(#x0007\)") as caught:
