@@ -127,7 +127,7 @@ def loads(text: str, source: str) -> Any:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else 0
-        raise ConfigError(source, line, f"invalid YAML: {error.problem or error}") from None
+        raise ConfigError(source, line, f"invalid YAML: {_problem(error, text)}") from None
     except yaml.YAMLError as error:
         raise ConfigError(source, 0, f"invalid YAML: {error}") from None
     except UnicodeEncodeError:  # a lone surrogate: libyaml reads UTF-8, which cannot hold one
@@ -140,6 +140,18 @@ def loads(text: str, source: str) -> Any:
     if _expanded_size(data, {}, set()) > MAX_EXPANDED_VALUES:
         raise ConfigError(source, 0, f"over {MAX_EXPANDED_VALUES:,} values once its aliases are expanded")
     return data
+
+
+def _problem(error: yaml.MarkedYAMLError, text: str) -> str:
+    """The parser's problem; libyaml's "found character that cannot start any token" names the character, as
+    PyYAML's does (a tab, most often)."""
+    problem = str(error.problem or error)
+    mark = error.problem_mark
+    if problem == "found character that cannot start any token" and mark is not None:
+        lines = text.split("\n")
+        if mark.line < len(lines) and mark.column < len(lines[mark.line]):
+            return f"found character {lines[mark.line][mark.column]!r} that cannot start any token"
+    return problem
 
 
 def _line_at(text: str, position: int, *, in_bytes: bool) -> int:

@@ -142,6 +142,19 @@ def test_a_bad_character_is_reported_on_its_line_after_multibyte_text(text: str,
     assert caught.value.line == line
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a:\n\tb: 1\n", "x.yaml:2: invalid YAML: found character '\\t' that cannot start any token"),
+        ("a: é\nb: `x\n", "x.yaml:2: invalid YAML: found character '`' that cannot start any token"),
+    ],
+)
+def test_both_parsers_name_a_character_that_cannot_start_a_token(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        yamlconf.loads(text, "x.yaml")
+    assert str(caught.value) == message
+
+
 def test_a_lone_surrogate_is_an_error_not_a_crash() -> None:
     with pytest.raises(ConfigError, match=r"^x\.yaml(:1)?: invalid YAML"):
         yamlconf.loads("a: \ud800\n", "x.yaml")
