@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bench.scenarios import POLICY as BENCH_POLICY
 from extauthz.config import HeaderMatch, IdentityMatch, RequestMatch, Rule
@@ -351,3 +353,64 @@ def test_exact_only_identity_values_and_bare_header_condition() -> None:
 )
 def test_host_parts(host: str, parts: tuple[str, str]) -> None:
     assert host_parts(host) == parts
+
+
+# -- without_identity: never a verdict that an identity could change ---------------------------------------------
+_PATHS = ("/a", "/a/b", "/docs/x", "/admin/y")
+_IDENTITIES: tuple[Identity | None, ...] = (
+    None,
+    Identity(kind=IdentityKind.JWT, subject="alice", roles=frozenset({"admin"}), tier="gold"),
+    Identity(kind=IdentityKind.API_KEY, subject="bob", client="billing"),
+    Identity(kind=IdentityKind.SPIFFE, subject="spiffe://td/ns/a/sa/b", principal="spiffe://td/ns/a/sa/b"),
+)
+_ERRORS = (None, AuthenticationError(Reason.INVALID_TOKEN, "bad"))
+
+
+@st.composite
+def _rules(draw: st.DrawFn) -> tuple[Rule, ...]:
+    rules = []
+    for index in range(draw(st.integers(0, 5))):
+        effect = draw(st.sampled_from(("allow", "deny")))
+        public = effect == "allow" and draw(st.booleans())
+        match = RequestMatch(
+            path_prefixes=tuple(draw(st.lists(st.sampled_from(("/a", "/docs", "/admin")), max_size=2))),
+            methods=tuple(draw(st.lists(st.sampled_from(("GET", "POST")), max_size=1))),
+            headers=tuple(draw(st.lists(st.just(HeaderMatch(name="x-env", exact="prod")), max_size=1))),
+        )
+        identity = (
+            None
+            if public
+            else draw(
+                st.one_of(
+                    st.none(),
+                    st.just(IdentityMatch()),
+                    st.just(IdentityMatch(roles_any=("admin",))),
+                    st.just(IdentityMatch(kinds=(IdentityKind.API_KEY,))),
+                    st.just(IdentityMatch(tiers=("gold",))),
+                )
+            )
+        )
+        rules.append(Rule(name=f"r{index}", effect=effect, public=public, match=match, identity=identity))
+    return tuple(rules)
+
+
+@given(
+    rules=_rules(),
+    path=st.sampled_from(_PATHS),
+    method=st.sampled_from(("GET", "POST", "PUT")),
+    env=st.sampled_from((None, "prod", "dev")),
+)
+def test_a_verdict_without_identity_is_the_verdict_for_every_identity(
+    rules: tuple[Rule, ...], path: str, method: str, env: str | None
+) -> None:
+    """What the pipeline answers without identity I/O (Policy.without_identity) is what evaluate answers for any
+    caller, rejected credential or none: no identity could have changed it."""
+    policy = compile_policy(rules)
+    headers = {} if env is None else {"x-env": env}
+    inp = CheckInput(method=method, host="h", path=path, headers=headers)
+    verdict = policy.without_identity(inp)
+    if verdict is None:
+        return
+    for identity in _IDENTITIES:
+        for error in _ERRORS:
+            assert policy.evaluate(inp, identity, error) == verdict, (identity, error)
