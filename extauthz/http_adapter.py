@@ -282,7 +282,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url: list[bytes] = []
         self._headers: dict[str, str] = {}
-        self._header_bytes = 0
+        self._header_bytes = 0  # of the head, as the parser's callbacks saw it
+        self._head_read_bytes = 0  # of the reads that ended inside the head
         self._max_header_bytes = ctx.max_header_bytes
         self._body_bytes = 0
         self._in_message = False
@@ -297,7 +298,7 @@ class _Connection(asyncio.Protocol):
         self._draining = False  # server stopping: close once idle
         self._linger: asyncio.TimerHandle | None = None
         # When the request being received began (or the connection opened), while it is not whole: see
-        # DEFAULT_REQUEST_TIMEOUT_S. None between requests.
+        # DEFAULT_REQUEST_TIMEOUT_S. None between requests. Set per message, so pipelined requests each count.
         self.waiting_since: float | None = monotonic()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------
@@ -362,12 +363,6 @@ class _Connection(asyncio.Protocol):
                     pipeline.record_recall(entry, request_id, elapsed)
                     self.waiting_since = None
                     return
-        if self._in_message and not self._headers_complete:
-            # A single header line is buffered by the parser until it ends: bound that too.
-            self._header_bytes += len(data)
-            if self._header_bytes > self._max_header_bytes:
-                self._fail(_HEADERS_TOO_LARGE)
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -383,11 +378,14 @@ class _Connection(asyncio.Protocol):
         except Exception:
             self._fail(_BAD_REQUEST)
         else:
+            if self._in_message and not self._headers_complete:
+                # All of this read went into a head not over yet; the parser keeps a header line to itself until
+                # it ends, so the callbacks' count alone would not bound an endless line. Counted apart from them.
+                self._head_read_bytes += len(data)
+                if self._head_read_bytes > self._max_header_bytes:
+                    self._fail(_HEADERS_TOO_LARGE)
+                    return
             self._remember()
-        if not self._in_message:
-            self.waiting_since = None
-        elif self.waiting_since is None:
-            self.waiting_since = monotonic()
 
     # -- identical requests ----------------------------------------------------------------------------------
     def _remember(self) -> None:
@@ -420,9 +418,11 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
         self._in_message = True
+        self.waiting_since = monotonic()  # this request's clock (pipelined ones each get their own)
         self._url = []
         self._headers = {}
         self._header_bytes = 0
+        self._head_read_bytes = 0
         self._body_bytes = 0
         self._headers_complete = False
 
@@ -456,6 +456,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self.waiting_since = None
         self._messages_in_read += 1
         keep_alive = self._parser.should_keep_alive()
         method = self._parser.get_method().decode("ascii", "replace")

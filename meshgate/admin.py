@@ -121,7 +121,8 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._limits = config.limits if isinstance(config, _AdminConfig) else AdminLimits()
         self._timer: asyncio.TimerHandle | None = None
         self._head_pending = True  # the next request's line and headers are not complete yet
-        self._head_bytes = 0
+        self._head_bytes = 0  # of the head, as the parser's callbacks saw it
+        self._head_read_bytes = 0  # of the reads that were all head
         self._messages_begun = 0
         # Set in a parser callback: the rest of the read is parsed but nothing more is kept or run, then this is
         # answered and the connection closed. (An exception raised in a callback would be answered 400 by uvicorn.)
@@ -150,9 +151,10 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(self._refusal)
         elif head_pending and self._head_pending and begun == self._messages_begun:
             # All of this read is one head that is not over yet. httptools keeps a header line until it ends (no
-            # callback sees it), so count the read itself: an endless header line is bounded too.
-            self._head_bytes += len(data)
-            if self._head_bytes > self._limits.max_head_bytes:
+            # callback sees it), so count the reads too, apart from the callbacks' count: an endless header line
+            # is bounded, and no byte counts twice against the limit.
+            self._head_read_bytes += len(data)
+            if self._head_read_bytes > self._limits.max_head_bytes:
                 self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
 
     # -- parser callbacks ------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._messages_begun += 1
         self._head_pending = True
-        self._head_bytes = 0
+        self._head_bytes = self._head_read_bytes = 0
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:

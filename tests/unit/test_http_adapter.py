@@ -776,3 +776,30 @@ async def test_connections_past_the_cap_are_answered_503_and_closed(strict: Harn
         await asyncio.sleep(0.01)
     answer_after = await strict.exchange(request(extra="Authorization: Bearer good-alice\r\n"))
     assert answer_after.status == 200
+
+
+async def test_pipelined_requests_each_get_their_own_clock(strict: Harness) -> None:
+    """Each read ends inside the next request, so the connection is never between requests: still, every request
+    arrived whole at once, and none is timed out (found by a review)."""
+    reader, writer = await strict.connect()
+    one = request(extra="Authorization: Bearer good-alice\r\n")
+    writer.write(one[:10])
+    for _ in range(20):  # 20 x 30 ms = 0.6 s, twice the request timeout
+        await asyncio.sleep(0.03)
+        writer.write(one[10:] + one[:10])
+        assert (await read_response(reader)).status == 200
+    writer.close()
+
+
+async def test_a_head_under_the_limit_arriving_in_pieces_is_not_refused(harness: Harness) -> None:
+    """Reads that end inside the head are counted apart from the parser's count: no byte counts twice (a 40 KiB
+    head sent in 1 KiB pieces was refused as over 64 KiB)."""
+    filler = "".join(f"X-Filler-{n}: {'v' * 90}\r\n" for n in range(400))  # ~40 KiB
+    payload = request(extra=f"Authorization: Bearer good-alice\r\n{filler}")
+    reader, writer = await harness.connect()
+    for start in range(0, len(payload), 1024):
+        writer.write(payload[start : start + 1024])
+        await writer.drain()
+        await asyncio.sleep(0.001)
+    assert (await read_response(reader)).status == 200
+    writer.close()
