@@ -102,6 +102,9 @@ class Decision:
     # String-valued dynamic metadata for the rate-limit filter (allow only).
     metadata: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    # False for an answer given while the caller's identity was still being looked up (a public route): the next
+    # request is decided afresh, with the identity by then.
+    reusable: bool = True
 
 
 class AuthenticationError(Exception):

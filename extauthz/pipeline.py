@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import NamedTuple, Protocol
 
 from extauthz import response
@@ -98,6 +99,7 @@ class Pipeline:
         self._requests: dict[Hashable, RememberedRequest] = {}
         self._recalled: list[tuple[RememberedRequest, str, float]] = []  # answered, not recorded yet
         self._record_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()  # identity lookups started by _answer_meanwhile
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,6 +108,8 @@ class Pipeline:
 
     async def close(self) -> None:
         self.record_recalled()
+        for task in list(self._background):
+            task.cancel()
         for provider in self.providers:
             await provider.close()
 
@@ -116,13 +120,11 @@ class Pipeline:
         for provider in self.providers:
             try:
                 identity = provider.authenticate(inp)
-            except RefreshNeeded:
-                # A public route (or a deny that needs no identity) is answered without the I/O: a token sent
-                # along must not make it wait for, or fail with, an identity provider.
+            except RefreshNeeded as needed:
                 verdict = self.policy.without_identity(inp)
                 if verdict is None:
                     raise
-                return self._verdict(inp, verdict, None)
+                return self._answer_meanwhile(inp, verdict, needed)
             except AuthenticationError as error:
                 if auth_error is None or auth_error.foreign:
                     auth_error = error
@@ -130,6 +132,32 @@ class Pipeline:
             if identity is not None:
                 break
         return self._verdict(inp, self.policy.evaluate(inp, identity, auth_error), identity)
+
+    def _answer_meanwhile(self, inp: CheckInput, verdict: Verdict, needed: RefreshNeeded) -> Decision:
+        """A public route (or a deny that needs no identity) is answered without waiting for the identity: a token
+        sent along must not make it wait for, or fail with, an identity provider. The lookup runs in the background
+        and this answer is not reused, so the next request gets the identity headers and metadata. The credential
+        is stripped all the same."""
+        self._refresh_in_background(needed)
+        decision = self._verdict(inp, verdict, None)
+        header = needed.credential_header
+        if decision.allowed and header and self.response_settings.strip_credentials:
+            return replace(decision, headers_to_remove=(*decision.headers_to_remove, header), reusable=False)
+        return replace(decision, reusable=False)
+
+    def _refresh_in_background(self, needed: RefreshNeeded) -> None:
+        async def refresh() -> None:
+            try:
+                await asyncio.wait_for(needed.refresh(), self.deadline_s)
+            except Exception:
+                log.warning("background identity refresh failed", exc_info=True)
+
+        try:
+            task = asyncio.get_running_loop().create_task(refresh())
+        except RuntimeError:  # no running loop (a synchronous caller): the next request asks again
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _verdict(self, inp: CheckInput, verdict: Verdict, identity: Identity | None) -> Decision:
         if verdict.allowed:
@@ -173,7 +201,7 @@ class Pipeline:
                 decision = cached[0]
             else:
                 decision = self._decide(inp)
-                if key is not None and decision.allowed:
+                if key is not None and decision.allowed and decision.reusable:
                     self._remember(key, decision)
         except RefreshNeeded:
             raise
@@ -214,7 +242,7 @@ class Pipeline:
         ``key`` is the transport's encoding of every part of the request that ``inp`` was parsed from, except the
         request id: two requests with equal keys must parse to equal inputs apart from ``request_id``.
         """
-        if not (self._remembers_requests and decision.allowed):
+        if not (self._remembers_requests and decision.allowed and decision.reusable):
             return
         if len(self._requests) >= REQUEST_CACHE_SIZE:
             self._requests.clear()

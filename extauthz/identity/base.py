@@ -22,12 +22,14 @@ class RefreshNeeded(Exception):
         status: int = 401,
         reason: Reason = Reason.UNKNOWN_KEY,
         message: str = "token signed with an unknown key",
+        credential_header: str = "",
     ) -> None:
         super().__init__("refresh needed")
         self.refresh = refresh
         self.status = status
         self.reason = reason
         self.message = message
+        self.credential_header = credential_header  # where the credential being looked up came from
 
 
 class Withdrawals:

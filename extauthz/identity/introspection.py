@@ -206,6 +206,7 @@ class IntrospectionProvider:
                 status=503,
                 reason=Reason.INTROSPECTION_UNAVAILABLE,
                 message="token introspection did not answer",
+                credential_header=header,
             )
         _HIT.inc()
         if answer.error is not None:

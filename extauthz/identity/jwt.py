@@ -139,7 +139,11 @@ class JwtProvider:
             _CACHE_HIT.inc()
             return found_in(cached.identity, header)
         _CACHE_MISS.inc()
-        claims, exp, verified_by = self._verify(token)
+        try:
+            claims, exp, verified_by = self._verify(token)
+        except RefreshNeeded as needed:
+            needed.credential_header = header
+            raise
         identity = self._identity(claims, header)
         self._cache[digest] = _Cached(identity, exp, *verified_by)
         return identity

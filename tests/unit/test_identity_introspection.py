@@ -497,3 +497,32 @@ async def test_a_reload_keeps_the_tokens_already_introspected(server: JwksServer
         assert server.introspections == 1
     finally:
         await service.close()
+
+
+async def test_a_public_route_answered_meanwhile_gets_the_identity_next_time(
+    server: JwksServer, policy_file: Path
+) -> None:
+    """The answer given while the token is looked up carries no identity (none is known yet), still strips the
+    credential, and is not reused: the lookup runs in the background and the next request carries the identity
+    headers and the metadata that rate limits key on."""
+    registry = JwksRegistry()
+    pipeline = build_pipeline(policy_file, registry)
+    await pipeline.start()
+    try:
+        first = await pipeline.check(request("/docs/intro", "opaque-alice"))
+        assert (first.status, first.reason, first.reusable) == (200, Reason.PUBLIC, False)
+        assert "authorization" in first.headers_to_remove
+        assert first.metadata == {}
+        for _ in range(200):  # bounded wait for the background lookup
+            if server.introspections:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        second = await pipeline.check(request("/docs/intro", "opaque-alice"))
+        assert (second.status, second.reason, second.reusable) == (200, Reason.PUBLIC, True)
+        assert ("x-auth-subject", "alice") in second.headers_to_set
+        assert second.metadata["sub"] == "alice"
+        assert server.introspections == 1
+    finally:
+        await pipeline.close()
+        await registry.close()
