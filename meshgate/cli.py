@@ -160,7 +160,7 @@ def _effective_settings(pid: int, argv: Sequence[str]) -> ServeSettings:
     for variable in (SETTINGS_FILE_ENV, env_name("config")):
         if environ.get(variable):
             environ[variable] = str(cwd / environ[variable])
-    return load_settings(flags, environ)
+    return load_settings(flags, environ, config_must_exist=False)  # it serves its last good config meanwhile
 
 
 def _loopback_for(host: str) -> str:

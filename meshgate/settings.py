@@ -106,9 +106,12 @@ _KINDS: dict[str, type] = {
 SETTINGS_FILE_ENV = "MESHGATE_SETTINGS"
 
 
-def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServeSettings:
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, config_must_exist: bool = True
+) -> ServeSettings:
     """Flags (None = not given) win over ``MESHGATE_*`` env variables, which win over the settings file (flag
-    ``settings`` or ``MESHGATE_SETTINGS``), which wins over defaults."""
+    ``settings`` or ``MESHGATE_SETTINGS``), which wins over defaults. ``config_must_exist=False`` is for
+    reading a running server's settings: its config may be gone while it serves the last good one."""
     environ = os.environ if environ is None else environ
     settings_file = flags.get("settings") or environ.get(SETTINGS_FILE_ENV)
     from_file = _file_values(Path(settings_file)) if settings_file else {}
@@ -125,7 +128,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] | None = 
     if "config" not in values:
         raise SettingsError(f"--config / {env_name('config')} is required")
     settings = ServeSettings(**values)
-    validate(settings, {name: where for name, (_, where) in from_file.items()})
+    validate(settings, {name: where for name, (_, where) in from_file.items()}, config_must_exist=config_must_exist)
     return settings
 
 
@@ -190,9 +193,13 @@ def _problem(name: str, value: Any) -> str | None:
     return None
 
 
-def validate(settings: ServeSettings, file_lines: Mapping[str, str] | None = None) -> None:
+def validate(
+    settings: ServeSettings, file_lines: Mapping[str, str] | None = None, *, config_must_exist: bool = True
+) -> None:
     """SettingsError for the first bad value; one taken from the settings file is named by its file and line."""
     for field in fields(settings):
+        if field.name == "config" and not config_must_exist:
+            continue
         problem = _problem(field.name, getattr(settings, field.name))
         if problem is not None:
             where = (file_lines or {}).get(field.name)

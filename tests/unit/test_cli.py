@@ -179,6 +179,9 @@ def test_healthcheck_follows_the_servers_flags_env_and_relative_settings_file(
         server.wait_for_port(from_flag, timeout=30)
         assert main(["healthcheck", "--pid", str(server.pid)]) == 0
         assert capsys.readouterr().out.strip() == f"ok: 127.0.0.1:{from_flag}/healthz (process {server.pid})"
+        # The policy gone while the server serves its last good one: still healthy (a review found it reported 1).
+        (folder / "policy.yaml").unlink()
+        assert main(["healthcheck", "--pid", str(server.pid)]) == 0
 
 
 def test_healthcheck_fails_when_the_admin_port_does_not_answer(
