@@ -343,7 +343,8 @@ def run_demo(*, tour_only: bool = False, say: Callable[[str], None] = print) -> 
                 except KeyboardInterrupt:
                     interrupted = True
                     say("\nstopping")
-                signals.stopping = True  # stopping now: a signal must not cut it short
+                finally:
+                    signals.stopping = True  # stopping now, whatever ended it: a signal must not cut that short
         except KeyboardInterrupt:  # while starting: what had started is stopped already
             interrupted = True
             say("\nstopped")
