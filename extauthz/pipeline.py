@@ -50,6 +50,10 @@ class DecisionObserver(Protocol):
     def record(self, inp: CheckInput, decision: Decision, elapsed_s: float, request_id: str | None = None) -> None: ...
 
 
+# Identity lookups started for answers given meanwhile (see Pipeline._answer_meanwhile) at most at once.
+MAX_BACKGROUND_REFRESHES = 256
+
+
 class RememberedRequest(NamedTuple):
     """An allowed request a transport may answer again: its encoded answer, until when, and what it was."""
 
@@ -146,6 +150,9 @@ class Pipeline:
         return replace(decision, reusable=False)
 
     def _refresh_in_background(self, needed: RefreshNeeded) -> None:
+        if len(self._background) >= MAX_BACKGROUND_REFRESHES:  # a flood of new tokens: later requests ask again
+            return
+
         async def refresh() -> None:
             try:
                 await asyncio.wait_for(needed.refresh(), self.deadline_s)

@@ -8,7 +8,7 @@ import pytest
 from extauthz.config import ResponseSettings
 from extauthz.identity.base import RefreshNeeded
 from extauthz.model import AuthenticationError, CheckInput, Decision, Identity, IdentityKind, Reason
-from extauthz.pipeline import RECALL_RECORD_DELAY_S, Pipeline
+from extauthz.pipeline import MAX_BACKGROUND_REFRESHES, RECALL_RECORD_DELAY_S, Pipeline
 from extauthz.policy_api import Verdict
 
 INP = CheckInput(method="GET", host="h", path="/p", headers={"x-user": "alice"}, request_id="r1")
@@ -426,3 +426,32 @@ def test_allows_decided_on_oversized_attributes_are_not_cached() -> None:
     pipeline.decide(request())
     pipeline.decide(request())
     assert provider.calls == 3  # normal requests are still cached
+
+
+class PublicPolicy(Policy):
+    """Every route is public whoever calls."""
+
+    def without_identity(self, inp: CheckInput) -> Verdict | None:
+        return Verdict(True, 200, Reason.PUBLIC, rule="open")
+
+
+async def test_answers_given_meanwhile_start_a_bounded_number_of_lookups() -> None:
+    """A flood of requests on a public route, each with a token that needs a lookup, is answered at once; the
+    lookups started in the background are capped, so the flood cannot pile up tasks."""
+    gate = asyncio.Event()
+
+    async def blocked() -> None:
+        await gate.wait()
+
+    pipeline = Pipeline(
+        [RefreshingProvider(blocked)],  # type: ignore[list-item]
+        PublicPolicy(),
+        ResponseSettings(),
+        deadline_s=5.0,
+    )
+    for n in range(MAX_BACKGROUND_REFRESHES + 50):
+        decision = pipeline.decide(with_headers(**{"x-late": str(n)}))
+        assert (decision.status, decision.reason, decision.reusable) == (200, Reason.PUBLIC, False)
+    assert len(pipeline._background) == MAX_BACKGROUND_REFRESHES
+    gate.set()
+    await pipeline.close()
