@@ -283,7 +283,9 @@ class _Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: dict[str, str] = {}
         self._header_bytes = 0  # of the head, as the parser's callbacks saw it
-        self._head_read_bytes = 0  # of the reads that ended inside the head
+        self._head_read_bytes = 0  # of the reads that were all head
+        self._tail_read_bytes = 0  # of the reads that were all after the head (body, framing, trailers)
+        self._messages_begun = 0
         self._max_header_bytes = ctx.max_header_bytes
         self._body_bytes = 0
         self._in_message = False
@@ -363,6 +365,8 @@ class _Connection(asyncio.Protocol):
                     pipeline.record_recall(entry, request_id, elapsed)
                     self.waiting_since = None
                     return
+        head_before = self._in_message and not self._headers_complete
+        begun = self._messages_begun
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -378,14 +382,27 @@ class _Connection(asyncio.Protocol):
         except Exception:
             self._fail(_BAD_REQUEST)
         else:
-            if self._in_message and not self._headers_complete:
-                # All of this read went into a head not over yet; the parser keeps a header line to itself until
-                # it ends, so the callbacks' count alone would not bound an endless line. Counted apart from them.
-                self._head_read_bytes += len(data)
+            if self._in_message and begun == self._messages_begun and self._over_read_bounds(len(data), head_before):
+                return
+            self._remember()
+
+    def _over_read_bounds(self, size: int, head_before: bool) -> bool:
+        """Count a read that went wholly into the current message (none began in it). The parser keeps a header or
+        trailer line to itself until it ends, so the callbacks' counts alone would not bound an endless line: reads
+        that were all head count against the head limit, reads after the head against body plus head (body,
+        chunk framing, trailers). Counted apart from the callbacks, so no byte counts twice."""
+        if not self._headers_complete:
+            if head_before:
+                self._head_read_bytes += size
                 if self._head_read_bytes > self._max_header_bytes:
                     self._fail(_HEADERS_TOO_LARGE)
-                    return
-            self._remember()
+                    return True
+        elif not head_before:
+            self._tail_read_bytes += size
+            if self._tail_read_bytes > self._ctx.max_body_bytes + self._max_header_bytes:
+                self._fail(_BODY_TOO_LARGE)
+                return True
+        return False
 
     # -- identical requests ----------------------------------------------------------------------------------
     def _remember(self) -> None:
@@ -422,7 +439,8 @@ class _Connection(asyncio.Protocol):
         self._url = []
         self._headers = {}
         self._header_bytes = 0
-        self._head_read_bytes = 0
+        self._head_read_bytes = self._tail_read_bytes = 0
+        self._messages_begun += 1
         self._body_bytes = 0
         self._headers_complete = False
 

@@ -110,10 +110,12 @@ class Decision:
 class AuthenticationError(Exception):
     """A credential was present but is not acceptable. Its message is safe to show to the client."""
 
-    def __init__(self, reason: Reason, message: str, *, foreign: bool = False) -> None:
+    def __init__(self, reason: Reason, message: str, *, foreign: bool = False, credential_header: str = "") -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # The header that carried the refused credential, so an anonymous allow (a public route) still strips it.
+        self.credential_header = credential_header
         # Not this provider's kind of credential at all (an opaque token is no JWT): when another provider also
         # refuses it, that provider's reason is the one to report.
         self.foreign = foreign

@@ -135,7 +135,16 @@ class Pipeline:
                 continue
             if identity is not None:
                 break
-        return self._verdict(inp, self.policy.evaluate(inp, identity, auth_error), identity)
+        decision = self._verdict(inp, self.policy.evaluate(inp, identity, auth_error), identity)
+        if identity is None and auth_error is not None and auth_error.credential_header and decision.allowed:
+            return self._stripped(decision, auth_error.credential_header)  # a refused credential on a public route
+        return decision
+
+    def _stripped(self, decision: Decision, header: str) -> Decision:
+        """``decision`` that also removes ``header`` (a credential) before the upstream, when the policy says so."""
+        if not self.response_settings.strip_credentials or header in decision.headers_to_remove:
+            return decision
+        return replace(decision, headers_to_remove=(*decision.headers_to_remove, header))
 
     def _answer_meanwhile(self, inp: CheckInput, verdict: Verdict, needed: RefreshNeeded) -> Decision:
         """A public route (or a deny that needs no identity) is answered without waiting for the identity: a token
@@ -144,9 +153,8 @@ class Pipeline:
         is stripped all the same."""
         self._refresh_in_background(needed)
         decision = self._verdict(inp, verdict, None)
-        header = needed.credential_header
-        if decision.allowed and header and self.response_settings.strip_credentials:
-            return replace(decision, headers_to_remove=(*decision.headers_to_remove, header), reusable=False)
+        if decision.allowed and needed.credential_header:
+            decision = self._stripped(decision, needed.credential_header)
         return replace(decision, reusable=False)
 
     def _refresh_in_background(self, needed: RefreshNeeded) -> None:
@@ -156,8 +164,10 @@ class Pipeline:
         async def refresh() -> None:
             try:
                 await asyncio.wait_for(needed.refresh(), self.deadline_s)
-            except Exception:
-                log.warning("background identity refresh failed", exc_info=True)
+            except TimeoutError:  # slow lookups go on in their providers; nothing to say per request
+                return
+            except Exception as error:  # the providers log their own failures: one line, no traceback
+                log.debug("background identity refresh failed: %s", type(error).__name__)
 
         try:
             task = asyncio.get_running_loop().create_task(refresh())

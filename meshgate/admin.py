@@ -104,6 +104,7 @@ class AdminLimits:
     request_timeout_s: float = 10.0  # a whole request, from the connection's start or the previous answer
     max_connections: int = 100  # open at once; past it a new connection gets 503 and is closed
     max_head_bytes: int = 64 * 1024  # request line + headers (431); the extauthz HTTP port's default too
+    max_tail_bytes: int = 8 * 1024 * 1024  # what follows a head: body, chunk framing, trailers (413)
     linger_s: float = 1.0  # after a refusal is written and the connection half-closed, wait this long for the peer
 
 
@@ -123,6 +124,7 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_pending = True  # the next request's line and headers are not complete yet
         self._head_bytes = 0  # of the head, as the parser's callbacks saw it
         self._head_read_bytes = 0  # of the reads that were all head
+        self._tail_read_bytes = 0  # of the reads that were all after the head
         self._messages_begun = 0
         # Set in a parser callback: the rest of the read is parsed but nothing more is kept or run, then this is
         # answered and the connection closed. (An exception raised in a callback would be answered 400 by uvicorn.)
@@ -149,6 +151,12 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._refusal is not None:
             self._refuse(self._refusal)
+        elif not head_pending and not self._head_pending and begun == self._messages_begun:
+            # All of this read came after the head of the request being received: body, chunk framing, trailers.
+            # uvicorn stops reading a body nobody reads, but not a trailer line, which httptools keeps until it ends.
+            self._tail_read_bytes += len(data)
+            if self._tail_read_bytes > self._limits.max_tail_bytes:
+                self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         elif head_pending and self._head_pending and begun == self._messages_begun:
             # All of this read is one head that is not over yet. httptools keeps a header line until it ends (no
             # callback sees it), so count the reads too, apart from the callbacks' count: an endless header line
@@ -163,7 +171,7 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._messages_begun += 1
         self._head_pending = True
-        self._head_bytes = self._head_read_bytes = 0
+        self._head_bytes = self._head_read_bytes = self._tail_read_bytes = 0
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -252,11 +260,9 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
         if started:
             transport.abort()
             return
-        body = f"{status.phrase}\n".encode()
-        transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status.value, status.phrase.encode(), len(body), body)
-        )
+        answered = cycle is not None and cycle.response_complete  # this request has its answer: no second one
+        if not answered:
+            self._write_refusal(transport, status)
         if not transport.can_write_eof():  # pragma: no cover - TCP transports can half-close
             transport.close()
             return
@@ -264,6 +270,14 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
         # the peer read it and close, and cut it off after linger_s if it does not.
         transport.write_eof()
         self._timer = self.loop.call_later(self._limits.linger_s, transport.abort)
+
+    @staticmethod
+    def _write_refusal(transport: asyncio.Transport, status: HTTPStatus) -> None:
+        body = f"{status.phrase}\n".encode()
+        transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status.value, status.phrase.encode(), len(body), body)
+        )
 
 
 class _NoSignalServer(uvicorn.Server):

@@ -176,16 +176,16 @@ class ApiKeyProvider:
             return None
         key, header = found
         if not key or len(key) > MAX_KEY_CHARS:
-            raise AuthenticationError(Reason.INVALID_API_KEY, "API key is not valid")
+            raise AuthenticationError(Reason.INVALID_API_KEY, "API key is not valid", credential_header=header)
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         entry = self.store.lookup(digest)
         # The dict lookup already matched; compare_digest keeps the final check constant-time regardless.
         if entry is None or not hmac.compare_digest(entry.digest, digest):
-            raise AuthenticationError(Reason.INVALID_API_KEY, "API key is not valid")
+            raise AuthenticationError(Reason.INVALID_API_KEY, "API key is not valid", credential_header=header)
         if entry.revoked:
-            raise AuthenticationError(Reason.API_KEY_REVOKED, "API key has been revoked")
+            raise AuthenticationError(Reason.API_KEY_REVOKED, "API key has been revoked", credential_header=header)
         if entry.expires is not None and entry.expires <= self._clock():
-            raise AuthenticationError(Reason.API_KEY_EXPIRED, "API key has expired")
+            raise AuthenticationError(Reason.API_KEY_EXPIRED, "API key has expired", credential_header=header)
         # One identity object per (key, header): bounded by the keys file, and lets the pipeline reuse answers.
         identity = self._identities.get((entry.key_id, header))
         if identity is None:

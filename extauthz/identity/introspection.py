@@ -210,7 +210,9 @@ class IntrospectionProvider:
             )
         _HIT.inc()
         if answer.error is not None:
-            raise answer.error
+            # A fresh exception each time: raising one cached instance again and again chains its tracebacks
+            # (and the frames they hold) without end.
+            raise AuthenticationError(answer.error.reason, answer.error.message, credential_header=header)
         assert answer.identity is not None
         return found_in(answer.identity, header)
 

@@ -141,10 +141,10 @@ class JwtProvider:
         _CACHE_MISS.inc()
         try:
             claims, exp, verified_by = self._verify(token)
-        except RefreshNeeded as needed:
-            needed.credential_header = header
+            identity = self._identity(claims, header)
+        except (RefreshNeeded, AuthenticationError) as needed_or_refused:
+            needed_or_refused.credential_header = header  # stripped even if a public route lets the request in
             raise
-        identity = self._identity(claims, header)
         self._cache[digest] = _Cached(identity, exp, *verified_by)
         return identity
 

@@ -96,7 +96,7 @@ async def test_busy_port_fails_loudly() -> None:
 # -- limits: idle and slow clients, connection count, request size -----------------------------------------------
 
 TIMEOUT_S = 0.5
-LIMITS = AdminLimits(request_timeout_s=TIMEOUT_S, max_connections=4, max_head_bytes=4096)
+LIMITS = AdminLimits(request_timeout_s=TIMEOUT_S, max_connections=4, max_head_bytes=4096, max_tail_bytes=65536)
 
 
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
@@ -275,3 +275,25 @@ async def test_a_head_under_the_limit_arriving_in_pieces_is_answered(limited: Ad
     writer.write(b"\r\n")
     assert (await read_response(reader))[0] == 200
     writer.close()
+
+
+async def test_an_endless_trailer_line_is_cut_off() -> None:
+    """uvicorn stops reading a body nobody reads, but a trailer line grows in the parser until it ends: reads after
+    a head are bounded too (max_tail_bytes). The request was answered already (405 for POST /healthz), so the
+    connection is closed without a second answer."""
+    patient = AdminLimits(request_timeout_s=60, max_tail_bytes=65536)  # only the tail bound can end it in time
+    server = await serve_admin(build_admin_app(Readiness(), INFO, []), "127.0.0.1", 0, patient)
+    reader, writer = await connect(server.port)
+    head = b"POST /healthz HTTP/1.1\r\nHost: admin\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-T: "
+    writer.write(head)
+    await writer.drain()
+    assert (await read_response(reader))[0] == 405
+    try:
+        for _ in range(100):  # 100 x 1 KiB, past the 64 KiB of LIMITS, well within its request timeout
+            writer.write(b"v" * 1024)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no second answer
+    writer.close()
+    await server.stop()

@@ -803,3 +803,33 @@ async def test_a_head_under_the_limit_arriving_in_pieces_is_not_refused(harness:
         await asyncio.sleep(0.001)
     assert (await read_response(reader)).status == 200
     writer.close()
+
+
+async def test_many_pipelined_requests_in_one_read_are_no_oversized_head(harness: Harness) -> None:
+    """Requests answered earlier in the same read never count against the head of the next one (it was 431)."""
+    one = request(extra="Authorization: Bearer good-alice\r\n")
+    count = (96 * 1024) // len(one)  # well over the 64 KiB head limit in all
+    reader, writer = await harness.connect()
+    writer.write(one * count + one[:20])
+    await writer.drain()
+    statuses = [(await read_response(reader)).status for _ in range(count)]
+    assert statuses == [200] * count
+    writer.write(one[20:])
+    assert (await read_response(reader)).status == 200
+    writer.close()
+
+
+async def test_an_endless_trailer_line_is_bounded(harness: Harness) -> None:
+    """Trailers are neither head nor body to the callbacks, and the parser keeps a line until it ends: the reads
+    after a head are bounded by body plus head limits (413), instead of growing until the request timeout."""
+    reader, writer = await harness.connect()
+    writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-Trailer: ")
+    try:
+        for _ in range(200):  # 200 x 1 KiB, past the harness's 1 KiB body + 64 KiB head
+            writer.write(b"v" * 1024)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:60]
+    writer.close()

@@ -526,3 +526,38 @@ async def test_a_public_route_answered_meanwhile_gets_the_identity_next_time(
     finally:
         await pipeline.close()
         await registry.close()
+
+
+async def test_a_refused_token_on_a_public_route_is_stripped_too(server: JwksServer, policy_file: Path) -> None:
+    """Whether the lookup is running or has refused the token, a public route lets the request in without the
+    credential: the upstream never sees it."""
+    registry = JwksRegistry()
+    pipeline = build_pipeline(policy_file, registry)
+    await pipeline.start()
+    try:
+        meanwhile = await pipeline.check(request("/docs/intro", "opaque-nobody"))
+        for _ in range(200):  # bounded wait for the background lookup
+            if server.introspections:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        refused = await pipeline.check(request("/docs/intro", "opaque-nobody"))
+        for decision in (meanwhile, refused):
+            assert (decision.status, decision.reason) == (200, Reason.PUBLIC)
+            assert "authorization" in decision.headers_to_remove
+    finally:
+        await pipeline.close()
+        await registry.close()
+
+
+async def test_a_cached_refusal_is_raised_afresh_each_time(provider: IntrospectionProvider) -> None:
+    """Raising one cached exception again and again would chain its tracebacks (and their frames) without end."""
+    with pytest.raises(AuthenticationError):
+        await introspected(provider, bearer("opaque-nobody"))
+    raised = []
+    for _ in range(3):
+        with pytest.raises(AuthenticationError) as refused:
+            provider.authenticate(bearer("opaque-nobody"))
+        raised.append(refused.value)
+    assert len({id(error) for error in raised}) == 3
+    assert all(error.reason is Reason.INACTIVE_TOKEN for error in raised)
