@@ -36,6 +36,7 @@ class JwtIssuer:
     refresh_interval_s: float = 300.0  # background JWKS refresh
     min_refetch_interval_s: float = 10.0  # unknown-kid refetch at most this often
     fetch_timeout_s: float = 2.0
+    ca_file: str = ""  # PEM bundle to verify the issuer's https server (default: the system's trust store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class IntrospectionSettings:
     negative_cache_s: float = 10.0  # an inactive answer
     max_concurrent: int = 32  # calls at once; more wait (QUEUED_PER_SLOT each), past that 503
     cache_size: int = 10_000
+    ca_file: str = ""  # PEM bundle to verify the endpoint's https server (default: the system's trust store)
 
 
 @dataclass(frozen=True, slots=True)

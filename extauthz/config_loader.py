@@ -21,6 +21,7 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
             refresh_interval_seconds: 300       # sooner when the key set's Cache-Control max-age says so
             min_refetch_interval_seconds: 10
             fetch_timeout_seconds: 2
+            ca_file: idp-ca.pem                 # PEM bundle for its https server (default: system trust store)
       introspection:                            # OAuth2 token introspection (RFC 7662) for opaque tokens
         endpoint: https://idp.example.com/oauth2/introspect
         client_id: meshgate                     # HTTP Basic client authentication
@@ -33,6 +34,7 @@ The YAML mirrors ``extauthz.config`` (durations are in seconds and say so in the
         negative_cache_seconds: 10              # an inactive one
         max_concurrent: 32                      # calls at once; more wait (8 per slot), then 503
         cache_size: 10000
+        ca_file: idp-ca.pem                     # as for a jwt issuer
       api_key: {keys_file: keys.yaml, header: x-api-key, authorization_scheme: ApiKey}
       spiffe: {trust_domains: [cluster.local], from_xfcc: true}   # xfcc_skip_by: [spiffe://...] (see mtls.py)
     response:
@@ -72,6 +74,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -222,8 +225,10 @@ def _identity(r: Reader, base_dir: Path, env: Mapping[str, str]) -> IdentitySett
     spiffe_reader = r.child("spiffe")
     settings = IdentitySettings(
         order=order,
-        jwt=_jwt(jwt_reader, env) if jwt_reader else defaults.jwt,
-        introspection=_introspection(introspection_reader, env) if introspection_reader else defaults.introspection,
+        jwt=_jwt(jwt_reader, base_dir, env) if jwt_reader else defaults.jwt,
+        introspection=(
+            _introspection(introspection_reader, base_dir, env) if introspection_reader else defaults.introspection
+        ),
         api_key=_api_key(api_key_reader, base_dir) if api_key_reader else defaults.api_key,
         spiffe=_spiffe(spiffe_reader) if spiffe_reader else defaults.spiffe,
     )
@@ -231,7 +236,7 @@ def _identity(r: Reader, base_dir: Path, env: Mapping[str, str]) -> IdentitySett
     return settings
 
 
-def _jwt(r: Reader, env: Mapping[str, str]) -> JwtSettings:
+def _jwt(r: Reader, base_dir: Path, env: Mapping[str, str]) -> JwtSettings:
     defaults = JwtSettings()
     leeway = r.number("leeway_seconds", defaults.leeway_s, minimum=0)
     cache_size = r.get("cache_size", int, defaults.cache_size)
@@ -243,7 +248,7 @@ def _jwt(r: Reader, env: Mapping[str, str]) -> JwtSettings:
     issuers: list[JwtIssuer] = []
     seen: set[str] = set()
     for item in r.children("issuers"):
-        issuer = _issuer(item, env)
+        issuer = _issuer(item, base_dir, env)
         if issuer.issuer in seen:
             raise item.error("issuer", f"issuer {issuer.issuer!r} is configured twice")
         seen.add(issuer.issuer)
@@ -261,7 +266,7 @@ def _token_sources(r: Reader) -> tuple[TokenSource, ...]:
     return sources
 
 
-def _introspection(r: Reader, env: Mapping[str, str]) -> IntrospectionSettings:
+def _introspection(r: Reader, base_dir: Path, env: Mapping[str, str]) -> IntrospectionSettings:
     defaults = IntrospectionSettings()
     endpoint = r.require("endpoint", str)
     if not _is_http_url(endpoint):
@@ -302,6 +307,7 @@ def _introspection(r: Reader, env: Mapping[str, str]) -> IntrospectionSettings:
         negative_cache_s=r.number("negative_cache_seconds", defaults.negative_cache_s, minimum=0),
         max_concurrent=max_concurrent,
         cache_size=cache_size,
+        ca_file=_ca_file(r, base_dir),
     )
     r.done()
     return settings
@@ -351,7 +357,7 @@ def _is_http_url(value: str) -> bool:
     return value.startswith(("https://", "http://")) and len(value.split("://", 1)[1]) > 0
 
 
-def _issuer(r: Reader, env: Mapping[str, str]) -> JwtIssuer:
+def _issuer(r: Reader, base_dir: Path, env: Mapping[str, str]) -> JwtIssuer:
     defaults = JwtIssuer(issuer="")
     issuer = r.require("issuer", str)
     if not issuer.strip():
@@ -398,9 +404,23 @@ def _issuer(r: Reader, env: Mapping[str, str]) -> JwtIssuer:
         refresh_interval_s=_positive(r, "refresh_interval_seconds", defaults.refresh_interval_s),
         min_refetch_interval_s=r.number("min_refetch_interval_seconds", defaults.min_refetch_interval_s, minimum=0),
         fetch_timeout_s=_positive(r, "fetch_timeout_seconds", defaults.fetch_timeout_s),
+        ca_file=_ca_file(r, base_dir),
     )
     r.done()
     return result
+
+
+def _ca_file(r: Reader, base_dir: Path) -> str:
+    """``ca_file``, relative to the policy file's folder: a PEM bundle that must load now, not at the first fetch."""
+    path = r.get("ca_file", str, "")
+    if not path:
+        return ""
+    path = os.path.abspath(os.path.join(base_dir, path))
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as error:
+        raise r.error("ca_file", f"cannot load {path}: {error}") from None
+    return path
 
 
 def _from_env(r: Reader, key: str, env: Mapping[str, str]) -> str:

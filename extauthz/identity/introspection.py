@@ -110,8 +110,9 @@ class IntrospectionState:
             self._slots = asyncio.Semaphore(settings.max_concurrent)
         if self._client is None:
             limits = httpx.Limits(max_connections=settings.max_concurrent, max_keepalive_connections=8)
-            # The system's trust store (SSL_CERT_FILE honoured), as for JWKS fetches.
-            self._client = httpx.AsyncClient(limits=limits, verify=ssl.create_default_context(), trust_env=False)
+            # The system's trust store (SSL_CERT_FILE honoured) unless the policy names a CA bundle, as for JWKS.
+            tls = ssl.create_default_context(cafile=settings.ca_file or None)
+            self._client = httpx.AsyncClient(limits=limits, verify=tls, trust_env=False)
         client = self._client
         what = f"POST {redact_url(settings.endpoint)}"
         body = urlencode({"token": token, "token_type_hint": "access_token"}).encode()

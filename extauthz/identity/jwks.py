@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import math
+import ssl
 import threading
 import time
 import urllib.request
@@ -114,7 +115,7 @@ def parse_jwks(document: Any, algorithms: Iterable[str], issuer: str = "") -> _K
     return _KeySet(by_kid, all_keys[0] if len(all_keys) == 1 else None)
 
 
-def _http_get_json(url: str, timeout_s: float) -> tuple[Any, float | None]:
+def _http_get_json(url: str, timeout_s: float, tls: ssl.SSLContext | None = None) -> tuple[Any, float | None]:
     """The JSON document at ``url`` and its ``Cache-Control: max-age`` in seconds (None when it gives none)."""
     if not url.startswith(("http://", "https://")):
         raise JwksFetchError(f"unsupported URL scheme in {redact_url(url)!r}")
@@ -122,7 +123,7 @@ def _http_get_json(url: str, timeout_s: float) -> tuple[Any, float | None]:
     headers = {"Accept": "application/json", "User-Agent": "meshgate"}
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - scheme checked above
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:  # noqa: S310 - scheme checked above
+        with urllib.request.urlopen(request, timeout=timeout_s, context=tls) as answer:  # noqa: S310 - scheme checked
             body = answer.read(MAX_DOCUMENT_BYTES + 1)
             max_age = max_age_of(answer.headers.get("Cache-Control", ""), answer.headers.get("Age", ""))
     except OSError as error:  # URLError, HTTPError, timeouts, refused connections
@@ -167,6 +168,7 @@ class JwksCache:
         self._clock = clock
         self._keys = _EMPTY
         self._jwks_uri = issuer.jwks_uri  # discovered lazily when discovery is on
+        self._tls = ssl.create_default_context(cafile=issuer.ca_file) if issuer.ca_file else None
         self._inflight: asyncio.Task[bool] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._last_attempt = -math.inf
@@ -243,12 +245,12 @@ class JwksCache:
         timeout = self.config.fetch_timeout_s
         if not jwks_uri:
             jwks_uri = self._discover(timeout)
-        document, max_age = _http_get_json(jwks_uri, timeout)
+        document, max_age = _http_get_json(jwks_uri, timeout, self._tls)
         return jwks_uri, parse_jwks(document, self.config.algorithms, self.config.issuer), max_age
 
     def _discover(self, timeout: float) -> str:
         issuer = self.config.issuer
-        document, _ = _http_get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", timeout)
+        document, _ = _http_get_json(issuer.rstrip("/") + "/.well-known/openid-configuration", timeout, self._tls)
         if not isinstance(document, dict):
             raise JwksFetchError("discovery document is not a JSON object")
         # OpenID Connect Discovery 1.0 section 4.3: the document must name the issuer it was fetched for.
@@ -305,6 +307,7 @@ def _cache_key(issuer: JwtIssuer) -> tuple[Any, ...]:
         issuer.algorithms,
         issuer.refresh_interval_s,
         issuer.min_refetch_interval_s,
+        issuer.ca_file,
         issuer.fetch_timeout_s,
     )
 

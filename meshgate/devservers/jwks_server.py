@@ -21,6 +21,7 @@ import base64
 import concurrent.futures
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -45,9 +46,11 @@ class JwksServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls  # serve https with this server context
         self._jwks_body = b""
         self.rotate(keys)
         self.jwks_fetches = 0
@@ -70,7 +73,7 @@ class JwksServer:
     # -- addresses -------------------------------------------------------------------------------------------
     @property
     def issuer(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def jwks_uri(self) -> str:
@@ -125,7 +128,7 @@ class JwksServer:
     # -- async lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> JwksServer:
         self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(self._protocol_factory, sock=self._bind())
+        self._server = await self._loop.create_server(self._protocol_factory, sock=self._bind(), ssl=self.tls)
         self._listening = True
         return self
 
@@ -220,7 +223,7 @@ class JwksServer:
     async def _start_serving(self, sock: socket.socket) -> None:
         assert self._loop is not None
         try:
-            server = await self._loop.create_server(self._protocol_factory, sock=sock)
+            server = await self._loop.create_server(self._protocol_factory, sock=sock, ssl=self.tls)
         except BaseException:
             sock.close()
             raise

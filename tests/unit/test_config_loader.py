@@ -92,6 +92,20 @@ identity:
     assert parse_config("version: 1\n").identity.introspection.endpoint == ""
 
 
+def test_ca_files_are_taken_from_the_policy_folder(tmp_path: Path) -> None:
+    from tests.support.pki import TestCA
+
+    TestCA(tmp_path)  # writes ca.pem
+    text = """
+identity:
+  jwt:
+    issuers: [{issuer: https://idp, audiences: [a], jwks_uri: https://idp/jwks, ca_file: ca.pem}]
+  introspection: {endpoint: https://idp/introspect, client_id: c, client_secret: s, ca_file: ca.pem}
+"""
+    identity = parse_config(text, base_dir=tmp_path).identity
+    assert identity.jwt.issuers[0].ca_file == identity.introspection.ca_file == str(tmp_path / "ca.pem")
+
+
 def test_example_policy_loads() -> None:
     config = load_config(FIXTURES / "example.yaml")
     assert config.source == str(FIXTURES / "example.yaml")

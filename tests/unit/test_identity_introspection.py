@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import logging
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from extauthz.model import AuthenticationError, CheckInput, IdentityKind, Reason
 from extauthz.pipeline import Pipeline
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.signing import generate_rsa_key, mint_token
+from tests.support.pki import TestCA
 
 NOW = 1_800_000_000.0
 SECRET = "introspection-secret"
@@ -560,3 +562,19 @@ async def test_a_cached_refusal_is_raised_afresh_each_time(provider: Introspecti
         raised.append(refused.value)
     assert len({id(error) for error in raised}) == 3
     assert all(error.reason is Reason.INACTIVE_TOKEN for error in raised)
+
+
+async def test_an_endpoint_behind_a_private_ca_is_trusted_through_its_ca_file(tmp_path: Path, clock: Clock) -> None:
+    ca = TestCA(tmp_path)
+    cert = ca.server()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert.cert, cert.key)
+    async with JwksServer(tls=tls) as server:
+        server.grant("opaque-tls", {"sub": "tina"})
+        untrusted = IntrospectionProvider(settings_for(server), clock=clock)
+        with pytest.raises(RefreshNeeded):
+            await introspected(untrusted, bearer("opaque-tls"))
+        await untrusted.close()
+        trusted = IntrospectionProvider(settings_for(server, ca_file=str(ca.ca_file)), clock=clock)
+        assert (await introspected(trusted, bearer("opaque-tls"))).subject == "tina"
+        await trusted.close()

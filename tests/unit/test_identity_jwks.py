@@ -2,7 +2,9 @@
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -12,6 +14,7 @@ from extauthz.identity.base import WITHDRAWALS
 from extauthz.identity.jwks import JwksCache, JwksFetchError, JwksRegistry, max_age_of, parse_jwks
 from meshgate.devservers.jwks_server import JwksServer
 from meshgate.devservers.signing import SigningKey, generate_ec_key, generate_rsa_key, public_jwk
+from tests.support.pki import TestCA
 
 
 class FakeClock:
@@ -368,3 +371,21 @@ async def test_registry_reuses_caches_across_reloads(server: JwksServer) -> None
     await registry.close()
     assert registry.caches() == []
     assert changed._refresher is None
+
+
+async def test_an_issuer_behind_a_private_ca_is_trusted_through_its_ca_file(
+    tmp_path: Path, key1: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = TestCA(tmp_path)
+    cert = ca.server()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert.cert, cert.key)
+    async with JwksServer([key1], tls=tls) as server:
+        assert server.jwks_uri.startswith("https://")
+        untrusted = JwksCache(issuer_for(server), FakeClock())
+        with caplog.at_level(logging.WARNING):
+            assert not await untrusted.refresh()
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+        trusted = JwksCache(issuer_for(server, ca_file=str(ca.ca_file)), FakeClock())
+        assert await trusted.refresh()
+        assert trusted.key_for("k1") is not None
