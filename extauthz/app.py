@@ -78,12 +78,17 @@ def build_pipeline(
 
 
 def watched_files(path: Path, pipeline: Pipeline | None) -> Sequence[Path]:
-    """The policy file, and the API-keys file it names (rotating keys is a reload too)."""
+    """The policy file, and the files it names: the API-keys file (rotating keys is a reload too) and the CA
+    bundles (a Kubernetes secret is updated in place)."""
     files = [path]
     if pipeline is not None:
-        files.extend(
-            Path(provider.settings.keys_file) for provider in pipeline.providers if isinstance(provider, ApiKeyProvider)
-        )
+        for provider in pipeline.providers:
+            if isinstance(provider, ApiKeyProvider):
+                files.append(Path(provider.settings.keys_file))
+            elif isinstance(provider, IntrospectionProvider) and provider.settings.ca_file:
+                files.append(Path(provider.settings.ca_file))
+            elif isinstance(provider, JwtProvider):
+                files.extend(Path(issuer.ca_file) for issuer in provider.settings.issuers if issuer.ca_file)
     return files
 
 

@@ -418,8 +418,8 @@ def _ca_file(r: Reader, base_dir: Path) -> str:
     path = os.path.abspath(os.path.join(base_dir, path))
     try:
         ssl.create_default_context(cafile=path)
-    except (OSError, ssl.SSLError) as error:
-        raise r.error("ca_file", f"cannot load {path}: {error}") from None
+    except (OSError, ssl.SSLError, ValueError) as error:  # ValueError: a NUL in the path
+        raise r.error("ca_file", f"cannot load {path!r}: {error}") from None
     return path
 
 

@@ -389,8 +389,8 @@ class _Connection(asyncio.Protocol):
     def _over_read_bounds(self, size: int, head_before: bool) -> bool:
         """Count a read that went wholly into the current message (none began in it). The parser keeps a header or
         trailer line to itself until it ends, so the callbacks' counts alone would not bound an endless line: reads
-        that were all head count against the head limit, reads after the head against body plus head (body,
-        chunk framing, trailers). Counted apart from the callbacks, so no byte counts twice."""
+        that were all head count against the head limit, reads after the head (body, chunk framing, trailers)
+        against twice the body limit plus the head limit. Counted apart from the callbacks, so no byte counts twice."""
         if not self._headers_complete:
             if head_before:
                 self._head_read_bytes += size
@@ -399,7 +399,8 @@ class _Connection(asyncio.Protocol):
                     return True
         elif not head_before:
             self._tail_read_bytes += size
-            if self._tail_read_bytes > self._ctx.max_body_bytes + self._max_header_bytes:
+            # Twice the body: a chunked body's framing (sizes, CRLFs) may add as much as its data in small chunks.
+            if self._tail_read_bytes > 2 * self._ctx.max_body_bytes + self._max_header_bytes:
                 self._fail(_BODY_TOO_LARGE)
                 return True
         return False

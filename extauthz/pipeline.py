@@ -121,6 +121,7 @@ class Pipeline:
     def _decide(self, inp: CheckInput) -> Decision:
         identity: Identity | None = None
         auth_error: AuthenticationError | None = None
+        refused: list[str] = []  # headers of refused credentials that were meshgate's to check
         for provider in self.providers:
             try:
                 identity = provider.authenticate(inp)
@@ -132,12 +133,15 @@ class Pipeline:
             except AuthenticationError as error:
                 if auth_error is None or auth_error.foreign:
                     auth_error = error
+                if error.credential_header:
+                    refused.append(error.credential_header)
                 continue
             if identity is not None:
                 break
         decision = self._verdict(inp, self.policy.evaluate(inp, identity, auth_error), identity)
-        if identity is None and auth_error is not None and auth_error.credential_header and decision.allowed:
-            return self._stripped(decision, auth_error.credential_header)  # a refused credential on a public route
+        if identity is None and refused and decision.allowed:  # a public route: the refused credentials stay here
+            for header in refused:
+                decision = self._stripped(decision, header)
         return decision
 
     def _stripped(self, decision: Decision, header: str) -> Decision:

@@ -25,7 +25,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -41,6 +41,7 @@ from extauthz.identity.base import RefreshNeeded
 from extauthz.identity.tokens import TokenFinder, check_times, found_in, map_claims, scalar, token_digest
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 from meshgate.log import redact_url
+from meshgate.reload import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +145,20 @@ class IntrospectionRegistry:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._states: dict[IntrospectionSettings, IntrospectionState] = {}
+        self._states: dict[Hashable, IntrospectionState] = {}
 
     def get_or_create(self, settings: IntrospectionSettings) -> IntrospectionState:
+        # A CA bundle replaced in place (a Kubernetes secret) makes a new state: its client trusts the new bundle.
+        key = (settings, fingerprint([settings.ca_file])[settings.ca_file] if settings.ca_file else None)
         # setdefault is atomic under the GIL: a reload builds its pipeline in a worker thread.
-        return self._states.setdefault(settings, IntrospectionState(settings, self._clock))
+        return self._states.setdefault(key, IntrospectionState(settings, self._clock))
 
     async def retain(self, used: Iterable[IntrospectionState]) -> None:
         """Close and forget every state not in ``used`` (after a reload swapped in a new policy)."""
         keep = {id(state) for state in used}
-        for settings, state in list(self._states.items()):
+        for key, state in list(self._states.items()):
             if id(state) not in keep:
-                del self._states[settings]
+                del self._states[key]
                 await state.close()
 
     async def close(self) -> None:

@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from extauthz.config import JwtIssuer
 from extauthz.identity.base import WITHDRAWALS
 from meshgate.log import redact_url
+from meshgate.reload import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ def _cache_key(issuer: JwtIssuer) -> tuple[Any, ...]:
         issuer.refresh_interval_s,
         issuer.min_refetch_interval_s,
         issuer.ca_file,
+        fingerprint([issuer.ca_file])[issuer.ca_file] if issuer.ca_file else None,  # a CA bundle replaced in place
         issuer.fetch_timeout_s,
     )
 

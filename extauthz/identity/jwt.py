@@ -142,8 +142,14 @@ class JwtProvider:
         try:
             claims, exp, verified_by = self._verify(token)
             identity = self._identity(claims, header)
-        except (RefreshNeeded, AuthenticationError) as needed_or_refused:
-            needed_or_refused.credential_header = header  # stripped even if a public route lets the request in
+        except RefreshNeeded as needed:
+            needed.credential_header = header
+            raise
+        except AuthenticationError as refused:
+            # A configured issuer's token is meshgate's: stripped even when a public route lets the request in. A
+            # token it does not know (not a JWT, another issuer's) may be the upstream's own: it passes on.
+            if not refused.foreign and refused.reason is not Reason.INVALID_ISSUER:
+                refused.credential_header = header
             raise
         self._cache[digest] = _Cached(identity, exp, *verified_by)
         return identity

@@ -39,10 +39,11 @@ class TokenFinder:
         token is refused here, before anyone hashes, parses or sends it."""
         found = self._find(inp)
         if found is not None:
-            if not found[0]:
-                raise AuthenticationError(Reason.INVALID_TOKEN, "empty bearer token")
-            if len(found[0]) > MAX_TOKEN_BYTES:
-                raise AuthenticationError(Reason.INVALID_TOKEN, "token too large")
+            token, header = found
+            if not token:
+                raise AuthenticationError(Reason.INVALID_TOKEN, "empty bearer token", credential_header=header)
+            if len(token) > MAX_TOKEN_BYTES:
+                raise AuthenticationError(Reason.INVALID_TOKEN, "token too large", credential_header=header)
         return found
 
     def _find(self, inp: CheckInput) -> tuple[str, str] | None:

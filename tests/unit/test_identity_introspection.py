@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from extauthz.app import ExtauthzService, build_pipeline
+from extauthz.app import ExtauthzService, build_pipeline, watched_files
 from extauthz.config import IntrospectionSettings, TokenSource
 from extauthz.identity.base import RefreshNeeded
-from extauthz.identity.introspection import IntrospectionProvider
+from extauthz.identity.introspection import IntrospectionProvider, IntrospectionRegistry
 from extauthz.identity.jwks import JwksRegistry
 from extauthz.model import AuthenticationError, CheckInput, IdentityKind, Reason
 from extauthz.pipeline import Pipeline
@@ -578,3 +578,28 @@ async def test_an_endpoint_behind_a_private_ca_is_trusted_through_its_ca_file(tm
         trusted = IntrospectionProvider(settings_for(server, ca_file=str(ca.ca_file)), clock=clock)
         assert (await introspected(trusted, bearer("opaque-tls"))).subject == "tina"
         await trusted.close()
+
+
+def test_a_ca_bundle_replaced_in_place_gives_a_new_state(tmp_path: Path) -> None:
+    TestCA(tmp_path)
+    settings = IntrospectionSettings(
+        endpoint="https://idp/introspect", client_id="c", client_secret="s", ca_file=str(tmp_path / "ca.pem")
+    )
+    registry = IntrospectionRegistry()
+    first = registry.get_or_create(settings)
+    assert registry.get_or_create(settings) is first
+    (tmp_path / "ca.pem").write_bytes((tmp_path / "ca.pem").read_bytes() + b"\n")
+    assert registry.get_or_create(settings) is not first
+
+
+def test_the_ca_bundles_a_policy_names_are_watched(server: JwksServer, tmp_path: Path) -> None:
+    TestCA(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "identity:\n  order: [jwt, introspection]\n"
+        f"  jwt: {{issuers: [{{issuer: https://idp, audiences: [a], jwks_uri: {server.jwks_uri}, ca_file: ca.pem}}]}}\n"
+        f"  introspection: {{endpoint: {server.introspection_endpoint}, client_id: c, client_secret: s,"
+        " ca_file: ca.pem}\n"
+    )
+    pipeline = build_pipeline(policy, JwksRegistry())
+    assert watched_files(policy, pipeline).count(tmp_path / "ca.pem") == 2

@@ -389,3 +389,14 @@ async def test_an_issuer_behind_a_private_ca_is_trusted_through_its_ca_file(
         trusted = JwksCache(issuer_for(server, ca_file=str(ca.ca_file)), FakeClock())
         assert await trusted.refresh()
         assert trusted.key_for("k1") is not None
+
+
+def test_a_ca_bundle_replaced_in_place_gives_a_new_cache(tmp_path: Path) -> None:
+    """A Kubernetes secret is updated in place: the next reload must build a cache that trusts the new bundle."""
+    TestCA(tmp_path)
+    issuer = JwtIssuer(issuer="https://idp", jwks_uri="https://idp/jwks", ca_file=str(tmp_path / "ca.pem"))
+    registry = JwksRegistry()
+    first = registry.get_or_create(issuer)
+    assert registry.get_or_create(issuer) is first
+    (tmp_path / "ca.pem").write_bytes((tmp_path / "ca.pem").read_bytes() + b"\n")
+    assert registry.get_or_create(issuer) is not first
