@@ -51,14 +51,15 @@ _SETTLE_ATTEMPTS = 3
 
 def fingerprint(paths: Sequence[str | Path]) -> Fingerprint:
     """State of each watched file or directory, following symlinks; never raises."""
-    return {str(path): _path_state(str(path)) for path in paths}
+    return {str(path): file_state(str(path)) for path in paths}
 
 
-def _file_state(path: str, info: os.stat_result) -> tuple[str | int, ...]:
+def _stat_entry(path: str, info: os.stat_result) -> tuple[str | int, ...]:
     return (os.path.realpath(path), info.st_ino, info.st_mtime_ns, info.st_size)
 
 
-def _path_state(path: str) -> PathState:
+def file_state(path: str) -> PathState:
+    """One file's or directory's state (what ``fingerprint`` compares): equal while it is unchanged."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -66,7 +67,7 @@ def _path_state(path: str) -> PathState:
     except OSError as error:
         return (("error", error.errno or 0),)
     if not stat.S_ISDIR(info.st_mode):
-        return (_file_state(path, info),)
+        return (_stat_entry(path, info),)
     entries: list[tuple[str | int, ...]] = []
     _walk(path, entries, 0, set())
     return tuple(sorted(entries, key=repr))
@@ -95,7 +96,7 @@ def _walk(directory: str, out: list[tuple[str | int, ...]], depth: int, seen: se
         if stat.S_ISDIR(info.st_mode):
             _walk(path, out, depth + 1, seen)
         elif stat.S_ISREG(info.st_mode):
-            out.append(_file_state(path, info))
+            out.append(_stat_entry(path, info))
 
 
 class ConfigWatcher(Generic[T]):

@@ -25,7 +25,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from types import MappingProxyType
@@ -38,10 +38,11 @@ from prometheus_client import Counter
 
 from extauthz.config import IntrospectionSettings
 from extauthz.identity.base import RefreshNeeded
+from extauthz.identity.shared import SharedByKey
 from extauthz.identity.tokens import TokenFinder, check_times, found_in, map_claims, scalar, token_digest
 from extauthz.model import AuthenticationError, CheckInput, Identity, IdentityKind, Reason
 from meshgate.log import redact_url
-from meshgate.reload import fingerprint
+from meshgate.reload import file_state
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ class IntrospectionError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
+    """An active token's identity, or why the token is refused: a reason and message, not an exception, since
+    raising one cached instance again and again chains its tracebacks (and the frames they hold) without end."""
+
     identity: Identity | None
-    error: AuthenticationError | None
+    refusal: tuple[Reason, str] | None
     until: float
 
 
@@ -145,24 +149,19 @@ class IntrospectionRegistry:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._states: dict[Hashable, IntrospectionState] = {}
+        self._states: SharedByKey[IntrospectionState] = SharedByKey()
 
     def get_or_create(self, settings: IntrospectionSettings) -> IntrospectionState:
         # A CA bundle replaced in place (a Kubernetes secret) makes a new state: its client trusts the new bundle.
-        key = (settings, fingerprint([settings.ca_file])[settings.ca_file] if settings.ca_file else None)
-        # setdefault is atomic under the GIL: a reload builds its pipeline in a worker thread.
-        return self._states.setdefault(key, IntrospectionState(settings, self._clock))
+        key = (settings, file_state(settings.ca_file) if settings.ca_file else None)
+        return self._states.get_or_create(key, lambda: IntrospectionState(settings, self._clock))
 
     async def retain(self, used: Iterable[IntrospectionState]) -> None:
         """Close and forget every state not in ``used`` (after a reload swapped in a new policy)."""
-        keep = {id(state) for state in used}
-        for key, state in list(self._states.items()):
-            if id(state) not in keep:
-                del self._states[key]
-                await state.close()
+        await self._states.retain(used)
 
     async def close(self) -> None:
-        await self.retain(())
+        await self._states.close()
 
 
 class IntrospectionProvider:
@@ -213,10 +212,8 @@ class IntrospectionProvider:
                 credential_header=header,
             )
         _HIT.inc()
-        if answer.error is not None:
-            # A fresh exception each time: raising one cached instance again and again chains its tracebacks
-            # (and the frames they hold) without end.
-            raise AuthenticationError(answer.error.reason, answer.error.message, credential_header=header)
+        if answer.refusal is not None:
+            raise AuthenticationError(*answer.refusal, credential_header=header)
         assert answer.identity is not None
         return found_in(answer.identity, header)
 
@@ -269,7 +266,7 @@ class IntrospectionProvider:
         try:
             identity = self._identity(document, header, now)
         except AuthenticationError as error:
-            return _Answer(None, error, now + max(self.settings.negative_cache_s, MIN_REUSE_S))
+            return _Answer(None, (error.reason, error.message), now + max(self.settings.negative_cache_s, MIN_REUSE_S))
         return _Answer(identity, None, max(identity.expires_at, now + MIN_REUSE_S))
 
     def _identity(self, claims: Mapping[str, Any], header: str, now: float) -> Identity:

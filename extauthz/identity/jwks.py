@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import ssl
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -28,8 +27,9 @@ from prometheus_client import Counter, Gauge
 
 from extauthz.config import JwtIssuer
 from extauthz.identity.base import WITHDRAWALS
+from extauthz.identity.shared import SharedByKey
 from meshgate.log import redact_url
-from meshgate.reload import fingerprint
+from meshgate.reload import file_state
 
 log = logging.getLogger(__name__)
 
@@ -309,44 +309,27 @@ def _cache_key(issuer: JwtIssuer) -> tuple[Any, ...]:
         issuer.refresh_interval_s,
         issuer.min_refetch_interval_s,
         issuer.ca_file,
-        fingerprint([issuer.ca_file])[issuer.ca_file] if issuer.ca_file else None,  # a CA bundle replaced in place
+        file_state(issuer.ca_file) if issuer.ca_file else None,  # a CA bundle replaced in place: a new cache
         issuer.fetch_timeout_s,
     )
 
 
 class JwksRegistry:
-    """JWKS caches shared across policy reloads, keyed by what determines their keys.
-
-    A reload builds its pipeline in a worker thread (``get_or_create``) while the event loop may be releasing
-    caches (``retain``), hence the lock.
-    """
+    """JWKS caches shared across policy reloads, keyed by what determines their keys."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._caches: dict[tuple[Any, ...], JwksCache] = {}
-        self._lock = threading.Lock()
+        self._caches: SharedByKey[JwksCache] = SharedByKey()
 
     def get_or_create(self, issuer: JwtIssuer) -> JwksCache:
-        key = _cache_key(issuer)
-        with self._lock:
-            cache = self._caches.get(key)
-            if cache is None:
-                cache = self._caches[key] = JwksCache(issuer, self._clock)
-            return cache
+        return self._caches.get_or_create(_cache_key(issuer), lambda: JwksCache(issuer, self._clock))
 
     def caches(self) -> list[JwksCache]:
-        with self._lock:
-            return list(self._caches.values())
+        return self._caches.values()
 
     async def retain(self, used: Iterable[JwksCache]) -> None:
         """Close and forget every cache not in ``used`` (call after a reload swapped in a new policy)."""
-        keep = {id(cache) for cache in used}
-        with self._lock:
-            unused = [(key, cache) for key, cache in self._caches.items() if id(cache) not in keep]
-            for key, _ in unused:
-                del self._caches[key]
-        for _, cache in unused:
-            await cache.close()
+        await self._caches.retain(used)
 
     async def close(self) -> None:
-        await self.retain(())
+        await self._caches.close()
