@@ -30,6 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from meshgate.admin_errors import install_error_handlers
+
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +63,7 @@ def build_admin_app(
         docs_url=None,
         redoc_url=None,
     )
+    install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(_request: Request, _exc: ClientDisconnect) -> Response:

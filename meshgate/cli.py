@@ -36,6 +36,7 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
         "grpc_port": args.grpc_port,
         "http_port": args.http_port,
         "admin_port": args.admin_port,
+        "admin_allow_remote": args.admin_allow_remote,
         "log_level": args.log_level,
         "drain_s": args.drain_seconds,
         "shutdown_delay_s": args.shutdown_delay_seconds,
@@ -234,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="gRPC port (0 picks a free one; default 9001)")
     serve.add_argument("--http-port", type=int, help="extauthz HTTP ext_authz port (-1 off; default 9002)")
     serve.add_argument("--admin-port", type=int, help="admin HTTP port (-1 off; default 9090)")
+    serve.add_argument(
+        "--admin-allow-remote",
+        action=argparse.BooleanOptionalAction,
+        help="answer the admin API's /v1 calls that reveal or change things (all but /v1/status) to non-loopback "
+        "clients too (default off: kubectl port-forward and exec arrive on loopback)",
+    )
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     serve.add_argument("--drain-seconds", type=float, help="SIGTERM grace for in-flight calls (default 5)")
     serve.add_argument(

@@ -13,11 +13,13 @@ version (one warning with the ``file:line`` error), counted, and the last good c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -99,6 +101,44 @@ def _walk(directory: str, out: list[tuple[str | int, ...]], depth: int, seen: se
             out.append(_stat_entry(path, info))
 
 
+def content_digest(seen: Fingerprint) -> str:
+    """``sha256:<hex>`` of the regular files in a fingerprint (names and contents, in the fingerprint's order), so
+    replicas can be compared: equal contents give equal digests whatever the inodes and ConfigMap folder names.
+    Never raises: an unreadable file counts as its name alone (the load that follows reads it or fails)."""
+    digest = hashlib.sha256()
+    for state in seen.values():
+        for entry in state:
+            if len(entry) != 4 or not isinstance(entry[0], str):
+                continue  # a marker (missing, dangling, unreadable): no file to read
+            digest.update(os.path.basename(entry[0]).encode("utf-8", "surrogateescape") + b"\0")
+            try:
+                digest.update(hashlib.sha256(Path(entry[0]).read_bytes()).digest())
+            except OSError:
+                digest.update(b"\0")
+    return f"sha256:{digest.hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadAttempt:
+    """The outcome of one load after start-up, or of the initial one. ``error`` is ``file:line: message``."""
+
+    ok: bool
+    at: float  # epoch seconds
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigStatus:
+    """A read-only view of what a ``ConfigWatcher`` serves and how its last load went."""
+
+    component: str
+    paths: tuple[str, ...]  # watched files and directories of the config being served
+    generation: int  # 1 after the initial load, +1 per config swapped in since; 0 before the initial load
+    loaded_at: float  # epoch seconds of the load being served
+    digest: str  # content_digest of the files the served config was loaded from
+    last_attempt: ReloadAttempt | None
+
+
 class ConfigWatcher(Generic[T]):
     """Holds the current config of one component and replaces it when its files change.
 
@@ -132,6 +172,10 @@ class ConfigWatcher(Generic[T]):
         self._seen: Fingerprint = {}
         self._lock = asyncio.Lock()
         self._pending: Fingerprint | None = None  # a change seen by the last poll, not loaded yet (see _poll)
+        self._generation = 0
+        self._loaded_at = 0.0
+        self._digest = ""
+        self._last_attempt: ReloadAttempt | None = None
         self._poller = Periodic(self._poll, interval_s, f"{component}-config-watcher")
         # Create both series at 0 so dashboards and alerts see them before the first reload.
         RELOADS.labels(component, "success")
@@ -146,12 +190,12 @@ class ConfigWatcher(Generic[T]):
     def load_initial(self) -> T:
         """Load at start-up; raises on a bad config so that start-up fails loudly."""
         try:
-            value, seen = self._load_settled(None)
+            value, seen, digest = self._load_settled(None)
         except Exception:
             LAST_RELOAD_SUCCESS.labels(self.component).set(0)
             raise
         self._current, self._seen = value, seen
-        self._mark_success()
+        self._mark_success(digest)
         return value
 
     async def check_now(self) -> bool:
@@ -161,7 +205,7 @@ class ConfigWatcher(Generic[T]):
             if self._current is not None and now == self._seen:
                 return False
             try:
-                value, seen = await asyncio.to_thread(self._load_settled, self._current)
+                value, seen, digest = await asyncio.to_thread(self._load_settled, self._current)
                 await self._on_swap(value)
             except Exception as error:
                 # Remember the rejected version so it is reported once, not at every poll.
@@ -170,9 +214,14 @@ class ConfigWatcher(Generic[T]):
                 return False
             self._current, self._seen = value, seen
             RELOADS.labels(self.component, "success").inc()
-            self._mark_success()
+            self._mark_success(digest)
             log.info("%s config reloaded", self.component, extra={"component": self.component})
             return True
+
+    def status(self) -> ConfigStatus:
+        """What is served and how the last load went; after ``check_now`` returns, its outcome (no await between)."""
+        paths = tuple(self._paths(self._current)) if self._current is not None else ()
+        return ConfigStatus(self.component, paths, self._generation, self._loaded_at, self._digest, self._last_attempt)
 
     async def _poll(self) -> bool:
         """The background check: a change is loaded once it has held still for one interval, so a file caught
@@ -199,8 +248,10 @@ class ConfigWatcher(Generic[T]):
     def _paths(self, basis: T | None) -> list[str]:
         return list(dict.fromkeys(str(path) for path in self._watched(basis)))
 
-    def _load_settled(self, basis: T | None) -> tuple[T, Fingerprint]:
-        """Load, with a fingerprint taken before the load of every file the loaded config depends on.
+    def _load_settled(self, basis: T | None) -> tuple[T, Fingerprint, str]:
+        """Load, with a fingerprint taken before the load of every file the loaded config depends on, and the
+        digest of those files (read after the load: a change meanwhile differs from the fingerprint, so the next
+        check loads again and the digest follows).
 
         When the new config watches files the old one did not (e.g. a new API-key file), fingerprint those and load
         again, a bounded number of times; if it never settles, mark the new files so the next check reloads.
@@ -211,19 +262,26 @@ class ConfigWatcher(Generic[T]):
             value = self._load()
             wanted = self._paths(value)
             if set(wanted) <= set(paths):
-                return value, {path: seen[path] for path in wanted}
+                settled = {path: seen[path] for path in wanted}
+                return value, settled, content_digest(settled)
             paths = wanted
-        return value, {path: seen.get(path, _UNSETTLED) for path in wanted}
+        unsettled = {path: seen.get(path, _UNSETTLED) for path in wanted}
+        return value, unsettled, content_digest(fingerprint(wanted))
 
-    def _mark_success(self) -> None:
+    def _mark_success(self, digest: str) -> None:
+        now = self._wall_clock()
+        self._generation += 1
+        self._loaded_at, self._digest = now, digest
+        self._last_attempt = ReloadAttempt(ok=True, at=now)
         LAST_RELOAD_SUCCESS.labels(self.component).set(1)
-        LAST_RELOAD_TIMESTAMP.labels(self.component).set(self._wall_clock())
+        LAST_RELOAD_TIMESTAMP.labels(self.component).set(now)
 
     def _mark_failure(self, error: Exception) -> None:
         RELOADS.labels(self.component, "failure").inc()
         LAST_RELOAD_SUCCESS.labels(self.component).set(0)
         # ConfigError's text is "file:line: message" and never carries secret values.
         text = str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+        self._last_attempt = ReloadAttempt(ok=False, at=self._wall_clock(), error=text)
         log.warning(
             "%s config reload failed, keeping the last good config: %s",
             self.component,

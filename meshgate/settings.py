@@ -35,6 +35,8 @@ class ServeSettings:
     grpc_port: int = 9001  # 0 picks a free port (logged)
     http_port: int = 9002  # extauthz's HTTP ext_authz mode; -1 turns it off
     admin_port: int = 9090  # -1 turns it off
+    # the admin API's calls that reveal or change things (/v1 but /v1/status) answer non-loopback clients too
+    admin_allow_remote: bool = False
     log_level: str = "info"
     drain_s: float = 5.0  # after SIGTERM: not-ready first, then at most this long for in-flight calls
     # after SIGTERM, before the drain: not ready but still serving, while load balancers (Kubernetes endpoints,
@@ -89,6 +91,7 @@ _KINDS: dict[str, type] = {
     "grpc_port": int,
     "http_port": int,
     "admin_port": int,
+    "admin_allow_remote": bool,
     "log_level": str,
     "drain_s": float,
     "shutdown_delay_s": float,
