@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 from starlette.requests import ClientDisconnect
 
+from meshgate.admin_api import body_within
+from meshgate.admin_errors import ApiError
 from meshgate.periodic import Periodic
 from ratelimit import metrics
 from ratelimit.backends.base import CounterBackend
@@ -45,7 +47,7 @@ from ratelimit.service import RateLimitService
 
 log = logging.getLogger(__name__)
 
-_MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024
 
 
 class _Model(BaseModel):
@@ -95,27 +97,42 @@ def to_model(body: JsonRequest) -> RateLimitRequest:
     return RateLimitRequest(body.domain, descriptors, body.hits_addend or 1)
 
 
-async def _body_within(request: Request, limit: int) -> bytes | None:
-    """The request's body, or None as soon as it is known to be over ``limit`` bytes (the rest is never read, so
-    a huge or endless upload cannot fill the memory first)."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+REQUEST_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": JsonRequest.model_json_schema(by_alias=False)}},
+    }
+}
 
 
-def _bad_request(message: str, errors: list[Any] | None = None) -> JSONResponse:
-    content: dict[str, Any] = {"error": message}
-    if errors is not None:
-        content["details"] = errors
-    return JSONResponse(content, status_code=400)
+class JsonAnswer(NamedTuple):
+    payload: dict[str, Any]  # the RateLimitResponse as protobuf JSON (what envoyproxy answers)
+    over_limit: bool
+
+
+async def should_rate_limit_json(request: Request, get_service: Callable[[], RateLimitService]) -> JsonAnswer:
+    """The handler both ``POST /json`` and ``POST /v1/should-rate-limit`` share: the body (JSON, at most 64 KiB) ->
+    ShouldRateLimit -> the RateLimitResponse as protobuf JSON. Raises ``ApiError``: 400 bad input, 413 too large,
+    503 backend unavailable."""
+    try:
+        raw = await body_within(request, MAX_BODY)
+    except ClientDisconnect:  # the client left (or sent a broken chunked body): nobody to answer
+        raise ApiError(400, "incomplete_body", "request body incomplete") from None
+    if raw is None:
+        raise ApiError(413, "body_too_large", f"request body too large (at most {MAX_BODY} bytes)")
+    try:
+        body = JsonRequest.model_validate_json(raw)
+        inp = to_model(body)
+    except ValidationError as error:
+        details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors(include_input=False)]
+        raise ApiError(400, "invalid_request", "invalid rate limit request", details) from None
+    except ValueError as error:
+        raise ApiError(400, "invalid_request", str(error)) from None
+    try:
+        answer = await get_service().should_rate_limit(inp)
+    except Exception:  # BackendUnavailable or anything else: the caller decides, as with gRPC UNAVAILABLE
+        raise ApiError(503, "backend_unavailable", "rate limit backend unavailable") from None
+    return JsonAnswer(json_format.MessageToDict(to_response(answer)), answer.code is Code.OVER_LIMIT)
 
 
 def build_router(
@@ -123,34 +140,21 @@ def build_router(
     config_dict: Callable[[], dict[str, Any]],
 ) -> APIRouter:
     router = APIRouter(tags=["ratelimit"])
-    schema = JsonRequest.model_json_schema(by_alias=False)
 
     @router.post(
         "/json",
         summary="envoyproxy/ratelimit's JSON endpoint: ShouldRateLimit with a JSON body (429 when over the limit)",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+        openapi_extra=REQUEST_BODY_SCHEMA,
     )
     async def json_endpoint(request: Request) -> JSONResponse:
         try:
-            raw = await _body_within(request, _MAX_BODY)
-        except ClientDisconnect:  # the client left (or sent a broken chunked body): nobody to answer
-            return _bad_request("request body incomplete")
-        if raw is None:
-            return _bad_request("request body too large")
-        try:
-            body = JsonRequest.model_validate_json(raw)
-            inp = to_model(body)
-        except ValidationError as error:
-            details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors(include_input=False)]
-            return _bad_request("invalid rate limit request", details)
-        except ValueError as error:
-            return _bad_request(str(error))
-        try:
-            answer = await get_service().should_rate_limit(inp)
-        except Exception:  # BackendUnavailable or anything else: the caller decides, as with gRPC UNAVAILABLE
-            return JSONResponse({"error": "rate limit backend unavailable"}, status_code=503)
-        payload = json_format.MessageToDict(to_response(answer))
-        return JSONResponse(payload, status_code=429 if answer.code is Code.OVER_LIMIT else 200)
+            answer = await should_rate_limit_json(request, get_service)
+        except ApiError as error:  # envoyproxy's shape: {"error": message}; 400 for any bad body
+            content: dict[str, Any] = {"error": error.message}
+            if error.details is not None:
+                content["details"] = error.details
+            return JSONResponse(content, status_code=400 if error.status == 413 else error.status)
+        return JSONResponse(answer.payload, status_code=429 if answer.over_limit else 200)
 
     @router.get("/rlconfig", summary="The rate-limit config currently served (domains, descriptors, limits)")
     async def rlconfig() -> dict[str, Any]:

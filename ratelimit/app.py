@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from meshgate.admin_api import v1_router
 from meshgate.redis import URL_SCHEMES
 from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
@@ -22,6 +24,7 @@ from meshgate.settings import ServeSettings, SettingsError
 from meshgate.yamlconf import ConfigError
 from ratelimit import metrics
 from ratelimit.admin import BackendProbe, build_router
+from ratelimit.admin_api import build_v1_router
 from ratelimit.backends.base import CounterBackend
 from ratelimit.config import RateLimitConfig, load_config
 from ratelimit.headers import HeaderMode, parse_mode
@@ -165,7 +168,14 @@ async def build_ratelimit(runtime: ServiceRuntime) -> None:
     runtime.add_grpc_service(
         RATELIMIT_SERVICE, lambda server: add_to_server(server, app.get_service, deadline_s=settings.deadline_s)
     )
-    runtime.add_admin_router(build_router(app.get_service, lambda: app.config().to_dict()))
+
+    def config_dict() -> dict[str, Any]:  # one source for /rlconfig and /v1/config
+        return app.config().to_dict()
+
+    runtime.add_admin_router(build_router(app.get_service, config_dict))
+    allow_remote = settings.admin_allow_remote
+    runtime.add_admin_router(v1_router(runtime.info, runtime.readiness, app.watcher, allow_remote=allow_remote))
+    runtime.add_admin_router(build_v1_router(app.get_service, config_dict, allow_remote=allow_remote))
     log.info(
         "ratelimit ready",
         extra={"backend": label, "shadow_mode": options.shadow_mode, "headers": options.headers},
