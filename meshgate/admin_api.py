@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from meshgate.admin import ReadinessView
 from meshgate.admin_errors import ApiError, ErrorDetail, error_responses
@@ -154,6 +155,17 @@ async def body_within(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """``body_within`` for a /v1 route: 413 past ``limit``, 400 when the client left before the end."""
+    try:
+        raw = await body_within(request, limit)
+    except ClientDisconnect:  # the client left (or sent a broken chunked body): nobody to answer
+        raise ApiError(400, "incomplete_body", "request body incomplete") from None
+    if raw is None:
+        raise ApiError(413, "body_too_large", f"request body too large (at most {limit} bytes)")
+    return raw
 
 
 # -- the shared routes -----------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ people. ``details`` lists validation problems when there are some.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -35,6 +36,18 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.details = details
+
+
+def _details(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    # Never the input: a header value may be a credential.
+    return [{"loc": list(error["loc"]), "msg": error["msg"]} for error in errors]
+
+
+def invalid_request(error: ValidationError, message: str = "") -> ApiError:
+    """400 for a body that does not validate; without ``message``, the first problems say where and what."""
+    details = _details(error.errors(include_input=False))
+    text = message or "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in details[:5])
+    return ApiError(400, "invalid_request", text, details)
 
 
 def error_response(
@@ -69,8 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
-        return error_response(400, "invalid_request", "invalid request", details)
+        return error_response(400, "invalid_request", "invalid request", _details(exc.errors()))
 
 
 # For a route's ``responses=``: the error answers appear in the OpenAPI schema with their model.

@@ -21,10 +21,9 @@ from fastapi.responses import JSONResponse
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
-from starlette.requests import ClientDisconnect
 
-from meshgate.admin_api import body_within
-from meshgate.admin_errors import ApiError
+from meshgate.admin_api import read_body
+from meshgate.admin_errors import ApiError, invalid_request
 from meshgate.periodic import Periodic
 from ratelimit import metrics
 from ratelimit.backends.base import CounterBackend
@@ -114,18 +113,12 @@ async def should_rate_limit_json(request: Request, get_service: Callable[[], Rat
     """The handler both ``POST /json`` and ``POST /v1/should-rate-limit`` share: the body (JSON, at most 64 KiB) ->
     ShouldRateLimit -> the RateLimitResponse as protobuf JSON. Raises ``ApiError``: 400 bad input, 413 too large,
     503 backend unavailable."""
-    try:
-        raw = await body_within(request, MAX_BODY)
-    except ClientDisconnect:  # the client left (or sent a broken chunked body): nobody to answer
-        raise ApiError(400, "incomplete_body", "request body incomplete") from None
-    if raw is None:
-        raise ApiError(413, "body_too_large", f"request body too large (at most {MAX_BODY} bytes)")
+    raw = await read_body(request, MAX_BODY)
     try:
         body = JsonRequest.model_validate_json(raw)
         inp = to_model(body)
     except ValidationError as error:
-        details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in error.errors(include_input=False)]
-        raise ApiError(400, "invalid_request", "invalid rate limit request", details) from None
+        raise invalid_request(error, "invalid rate limit request") from None
     except ValueError as error:
         raise ApiError(400, "invalid_request", str(error)) from None
     try:
