@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from extauthz.admin_api import build_v1_router
 from extauthz.audit import AuditObserver
 from extauthz.config import ExtauthzConfig
 from extauthz.config_loader import load_config
@@ -24,6 +25,7 @@ from extauthz.identity.mtls import SpiffeProvider
 from extauthz.model import IdentityKind
 from extauthz.pipeline import DecisionObserver, Pipeline
 from extauthz.policy import compile_policy
+from meshgate.admin_api import v1_router
 from meshgate.reload import ConfigWatcher
 from meshgate.runtime import ServiceRuntime
 
@@ -142,5 +144,8 @@ async def build_extauthz(runtime: ServiceRuntime) -> None:
     await service.start()
     runtime.on_stop(service.close)
     runtime.add_grpc_service(AUTHORIZATION_SERVICE, lambda server: add_to_server(server, service.pipeline))
+    allow_remote = settings.admin_allow_remote
+    runtime.add_admin_router(v1_router(runtime.info, runtime.readiness, service.watcher, allow_remote=allow_remote))
+    runtime.add_admin_router(build_v1_router(service.pipeline, settings.config, allow_remote=allow_remote))
     if settings.http_port >= 0:
         runtime.add_listener("http", lambda: start_http_listener(settings.host, settings.http_port, service.pipeline))

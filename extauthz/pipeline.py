@@ -117,6 +117,22 @@ class Pipeline:
         for provider in self.providers:
             await provider.close()
 
+    def unrecorded(self) -> Pipeline:
+        """A pipeline deciding as this one does (its providers, rules and response settings) that records nothing:
+        no decision metrics, no audit line. For dry runs (the admin API's ``/v1/check``). Its decision caches start
+        empty, so it decides afresh; identity lookups it starts in the background are this pipeline's (cancelled
+        when this one closes). Never start or close it: the providers are this pipeline's."""
+        twin = Pipeline(
+            self.providers,
+            self.policy,
+            self.response_settings,
+            deadline_s=self.deadline_s,
+            clock=self._clock,
+            wall_clock=self._wall_clock,
+        )
+        twin._background = self._background
+        return twin
+
     # -- decisions -------------------------------------------------------------------------------------------
     def _decide(self, inp: CheckInput) -> Decision:
         identity: Identity | None = None
