@@ -101,6 +101,7 @@ from extauthz.config import (
 )
 from extauthz.identity.mtls import is_spiffe_id
 from extauthz.model import IdentityKind
+from extauthz.urls import http_url_problem
 from meshgate.yamlconf import ConfigError, Reader, load, loads
 
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -269,8 +270,8 @@ def _token_sources(r: Reader) -> tuple[TokenSource, ...]:
 def _introspection(r: Reader, base_dir: Path, env: Mapping[str, str]) -> IntrospectionSettings:
     defaults = IntrospectionSettings()
     endpoint = r.require("endpoint", str)
-    if not _is_http_url(endpoint):
-        raise r.error("endpoint", "must be an http(s) URL")
+    if problem := http_url_problem(endpoint):
+        raise r.error("endpoint", problem)
     if not endpoint.startswith("https://") and not _is_loopback_url(endpoint):
         raise r.error("endpoint", "must be https (it carries the token and the client secret), or on loopback")
     client_id = r.require("client_id", str)
@@ -353,10 +354,6 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
-def _is_http_url(value: str) -> bool:
-    return value.startswith(("https://", "http://")) and len(value.split("://", 1)[1]) > 0
-
-
 def _issuer(r: Reader, base_dir: Path, env: Mapping[str, str]) -> JwtIssuer:
     defaults = JwtIssuer(issuer="")
     issuer = r.require("issuer", str)
@@ -387,10 +384,10 @@ def _issuer(r: Reader, base_dir: Path, env: Mapping[str, str]) -> JwtIssuer:
     if not hmac and (secret or secret_env):
         key = "secret" if secret else "secret_env"
         raise r.error(key, "a shared secret only works with HS256/HS384/HS512 algorithms")
-    if jwks_uri and not _is_http_url(jwks_uri):
-        raise r.error("jwks_uri", f"must be an http(s) URL, got {jwks_uri!r}")
-    if discovery and not _is_http_url(issuer):
-        raise r.error("discovery", "OIDC discovery needs an http(s) issuer URL")
+    if jwks_uri and (problem := http_url_problem(jwks_uri)):
+        raise r.error("jwks_uri", problem if "@" in jwks_uri else f"{problem}, got {jwks_uri!r}")
+    if discovery and (problem := http_url_problem(issuer)):
+        raise r.error("discovery", f"OIDC discovery needs an http(s) issuer URL: the issuer {problem}")
     if secret_env:
         secret = _from_env(r, "secret_env", env)
     result = JwtIssuer(

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 from extauthz.config import JwtIssuer
 from extauthz.identity.base import WITHDRAWALS
 from extauthz.identity.shared import SharedByKey
+from extauthz.urls import http_url_problem
 from meshgate.log import redact_url
 from meshgate.reload import file_state
 
@@ -258,7 +259,7 @@ class JwksCache:
         if str(document.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
             raise JwksFetchError("discovery document names a different issuer")
         jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("http://", "https://")):
+        if not isinstance(jwks_uri, str) or http_url_problem(jwks_uri):
             raise JwksFetchError("discovery document has no usable jwks_uri")
         return jwks_uri
 

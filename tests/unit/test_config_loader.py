@@ -288,3 +288,11 @@ def test_more_invalid_values(text: str, line: int, message: str) -> None:
 def test_load_config_of_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["jwks_uri_with_credentials", "introspection_endpoint_with_credentials"])
+def test_a_url_with_credentials_is_refused_without_quoting_them(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHGATE_TEST_SECRET", "s" * 32)
+    with pytest.raises(ConfigError) as caught:
+        load_config(FIXTURES / "invalid" / f"{name}.yaml")
+    assert "hunter2" not in str(caught.value)

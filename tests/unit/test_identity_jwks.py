@@ -119,6 +119,17 @@ async def test_discovery_without_jwks_uri(server: JwksServer, caplog: pytest.Log
     assert "no usable jwks_uri" in caplog.text
 
 
+async def test_discovery_with_credentials_in_the_jwks_uri(server: JwksServer, caplog: pytest.LogCaptureFixture) -> None:
+    # urllib would read "reader:pw@127.0.0.1" as a host name and ask DNS for it: refused before any fetch.
+    jwks_uri = server.jwks_uri.replace("http://", "http://reader:hunter2@")
+    server.discovery_override = f'{{"issuer": "{server.issuer}", "jwks_uri": "{jwks_uri}"}}'.encode()
+    cache = JwksCache(issuer_for(server, jwks_uri="", discovery=True), FakeClock())
+    with caplog.at_level(logging.WARNING):
+        assert not await cache.refresh()
+    assert "no usable jwks_uri" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
 async def test_failed_first_fetch_is_not_fatal_and_later_refresh_recovers(server: JwksServer) -> None:
     server.down()
     cache = JwksCache(issuer_for(server), FakeClock())
