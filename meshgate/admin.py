@@ -323,6 +323,10 @@ async def serve_admin(app: FastAPI, host: str, port: int, limits: AdminLimits | 
         lifespan="off",
         timeout_graceful_shutdown=1,
         server_header=False,
+        # The client is the TCP peer: the /v1 guard trusts loopback peers, and X-Forwarded-For (which uvicorn
+        # honours by default from the addresses in FORWARDED_ALLOW_IPS, an environment variable not ours) would
+        # let a request name its own address.
+        proxy_headers=False,
     )
     server = _NoSignalServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="meshgate-admin")

@@ -297,3 +297,24 @@ async def test_an_endless_trailer_line_is_cut_off() -> None:
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no second answer
     writer.close()
     await server.stop()
+
+
+async def test_the_client_is_the_tcp_peer_whatever_x_forwarded_for_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn would otherwise take the address from X-Forwarded-For for peers in FORWARDED_ALLOW_IPS ("*": any).
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+    router = APIRouter()
+
+    @router.get("/peer")
+    async def peer(request: Request) -> dict[str, str]:
+        return {"host": request.client.host if request.client else ""}
+
+    server = await serve_admin(build_admin_app(Readiness(), INFO, [router]), "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /peer HTTP/1.1\r\nHost: admin\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert json.loads(raw.partition(b"\r\n\r\n")[2]) == {"host": "127.0.0.1"}
+    finally:
+        await server.stop()
