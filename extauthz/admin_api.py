@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from extauthz.model import CheckInput, Decision, Identity
 from extauthz.pipeline import REQUEST_ID_HEADER, Pipeline
 from extauthz.policy_summary import PolicyOut, summarize
+from extauthz.response import header_safe
 from meshgate.admin_api import client_of, local_router, read_body
 from meshgate.admin_errors import error_responses, invalid_request
 
@@ -94,18 +94,28 @@ class IdentityOut(BaseModel):
 
     @classmethod
     def of(cls, identity: Identity) -> IdentityOut:
+        # Claims as the headers carry them (header_safe): a signed claim may hold a lone surrogate, which JSON
+        # cannot encode, or control characters.
         return cls(
             kind=identity.kind.value,
-            subject=identity.subject,
-            client=identity.client,
-            roles=sorted(identity.roles),
-            scopes=sorted(identity.scopes),
-            tier=identity.tier,
-            issuer=identity.issuer,
-            principal=identity.principal,
-            expires_at=None if math.isinf(identity.expires_at) else datetime.fromtimestamp(identity.expires_at, UTC),
+            subject=header_safe(identity.subject),
+            client=header_safe(identity.client),
+            roles=sorted(header_safe(role) for role in identity.roles),
+            scopes=sorted(header_safe(scope) for scope in identity.scopes),
+            tier=header_safe(identity.tier),
+            issuer=header_safe(identity.issuer),
+            principal=header_safe(identity.principal),
+            expires_at=_utc_or_none(identity.expires_at),
             credential_header=identity.credential_header,
         )
+
+
+def _utc_or_none(epoch_s: float) -> datetime | None:
+    """None for no expiry, or one past what ``datetime`` holds (a signed ``exp`` may be any number)."""
+    try:
+        return datetime.fromtimestamp(epoch_s, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 class HeaderOut(BaseModel):

@@ -102,6 +102,7 @@ from extauthz.config import (
 from extauthz.identity.mtls import is_spiffe_id
 from extauthz.model import IdentityKind
 from extauthz.urls import http_url_problem
+from meshgate.log import redact_url
 from meshgate.yamlconf import ConfigError, Reader, load, loads
 
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -385,7 +386,8 @@ def _issuer(r: Reader, base_dir: Path, env: Mapping[str, str]) -> JwtIssuer:
         key = "secret" if secret else "secret_env"
         raise r.error(key, "a shared secret only works with HS256/HS384/HS512 algorithms")
     if jwks_uri and (problem := http_url_problem(jwks_uri)):
-        raise r.error("jwks_uri", problem if "@" in jwks_uri else f"{problem}, got {jwks_uri!r}")
+        # Quoted redacted: the error reaches logs, /v1/reload and /v1/status, and a query may carry a credential.
+        raise r.error("jwks_uri", f"{problem}, got {redact_url(jwks_uri)!r}")
     if discovery and (problem := http_url_problem(issuer)):
         raise r.error("discovery", f"OIDC discovery needs an http(s) issuer URL: the issuer {problem}")
     if secret_env:

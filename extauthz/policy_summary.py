@@ -18,7 +18,7 @@ from extauthz.identity.introspection import IntrospectionProvider
 from extauthz.identity.jwt import JwtProvider
 from extauthz.identity.mtls import SpiffeProvider
 from extauthz.pipeline import Pipeline
-from meshgate.log import redact_url
+from meshgate.log import URL_MASK, is_secret_header, redact_url
 
 
 class RuleOut(BaseModel):
@@ -100,9 +100,10 @@ def _any_of(label: str, values: Iterable[str]) -> str | None:
 def _header(match: HeaderMatch) -> str:
     if match.present is not None:
         return f"{match.name} {'present' if match.present else 'absent'}"
+    secret = is_secret_header(match.name)  # a rule may match a shared token's value: never shown
     if match.exact is not None:
-        return f"{match.name} = {match.exact!r}"
-    return f"{match.name} starts with {match.prefix!r}"
+        return f"{match.name} = {URL_MASK if secret else repr(match.exact)}"
+    return f"{match.name} starts with {URL_MASK if secret else repr(match.prefix)}"
 
 
 def describe_request(match: RequestMatch) -> str:

@@ -23,10 +23,10 @@ def identity_header_names(settings: ResponseSettings) -> tuple[str, ...]:
 
 def header_safe(value: str) -> str:
     """``value`` without control characters, so that no claim (a JWT ``sub`` with CR/LF) can split a header, in
-    either transport."""
+    either transport, and without lone surrogates (JSON's ``"\\ud800"``), which no UTF-8 encoder takes."""
     if value.isascii() and value.isprintable():
         return value
-    return "".join(ch for ch in value if ch >= " " and ch != "\x7f")
+    return "".join(ch for ch in value if ch >= " " and ch != "\x7f" and not "\ud800" <= ch <= "\udfff")
 
 
 def roles_value(identity: Identity) -> str:

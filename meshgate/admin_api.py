@@ -29,6 +29,7 @@ from meshgate.settings import env_name
 log = logging.getLogger(__name__)
 
 REMOTE_SETTING = "admin_allow_remote"
+WITHHELD = f"rejected; the error answers loopback clients (or with {REMOTE_SETTING}), and is in the log"
 ISTIO_INBOUND_SOURCE = ipaddress.ip_address("127.0.0.6")  # Istio's inbound passthrough binds here (see module doc)
 
 
@@ -56,7 +57,8 @@ class ConfigOut(BaseModel):
     last_reload: ReloadAttemptOut | None = Field(description="the last load attempt, which may have failed")
 
     @classmethod
-    def of(cls, status: ConfigStatus) -> ConfigOut:
+    def of(cls, status: ConfigStatus, *, show_error: bool = True) -> ConfigOut:
+        """``show_error``: the last attempt's error text, else only that it failed (see ``WITHHELD``)."""
         attempt = status.last_attempt
         return cls(
             component=status.component,
@@ -66,7 +68,11 @@ class ConfigOut(BaseModel):
             digest=status.digest,
             last_reload=None
             if attempt is None
-            else ReloadAttemptOut(ok=attempt.ok, at=_utc(attempt.at), error=attempt.error or None),
+            else ReloadAttemptOut(
+                ok=attempt.ok,
+                at=_utc(attempt.at),
+                error=(attempt.error if show_error or not attempt.error else WITHHELD) or None,
+            ),
         )
 
 
@@ -183,7 +189,9 @@ def v1_router(
     public = APIRouter(prefix="/v1", tags=["v1"])
 
     @public.get("/status", summary="Service, version, uptime, readiness and the config served (read-only)")
-    async def status() -> StatusOut:
+    async def status(request: Request) -> StatusOut:
+        # A rejected config's error quotes the file's content (a value, a URL): for callers of the local routes only.
+        show_error = allow_remote or is_loopback(client_of(request))
         return StatusOut(
             service=str(info.get("service", "")),
             version=str(info.get("version", "")),
@@ -192,7 +200,7 @@ def v1_router(
             ready=readiness.ready,
             draining=readiness.draining,
             checks=readiness.snapshot(),
-            config=ConfigOut.of(watcher.status()),
+            config=ConfigOut.of(watcher.status(), show_error=show_error),
         )
 
     local = local_router(allow_remote)

@@ -104,15 +104,20 @@ def _walk(directory: str, out: list[tuple[str | int, ...]], depth: int, seen: se
 def content_digest(seen: Fingerprint) -> str:
     """``sha256:<hex>`` of the regular files in a fingerprint (names and contents, in the fingerprint's order), so
     replicas can be compared: equal contents give equal digests whatever the inodes and ConfigMap folder names.
-    Never raises: an unreadable file counts as its name alone (the load that follows reads it or fails)."""
+    Hidden files (an editor's swap file beside the descriptors) are no config and do not count. Files are read in
+    chunks, never whole. Never raises: an unreadable file counts as its name alone (the load reads it or fails)."""
     digest = hashlib.sha256()
     for state in seen.values():
         for entry in state:
             if len(entry) != 4 or not isinstance(entry[0], str):
                 continue  # a marker (missing, dangling, unreadable): no file to read
-            digest.update(os.path.basename(entry[0]).encode("utf-8", "surrogateescape") + b"\0")
+            name = os.path.basename(entry[0])
+            if name.startswith("."):
+                continue
+            digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
             try:
-                digest.update(hashlib.sha256(Path(entry[0]).read_bytes()).digest())
+                with open(entry[0], "rb") as file:
+                    digest.update(hashlib.file_digest(file, "sha256").digest())
             except OSError:
                 digest.update(b"\0")
     return f"sha256:{digest.hexdigest()}"
@@ -250,8 +255,8 @@ class ConfigWatcher(Generic[T]):
 
     def _load_settled(self, basis: T | None) -> tuple[T, Fingerprint, str]:
         """Load, with a fingerprint taken before the load of every file the loaded config depends on, and the
-        digest of those files (read after the load: a change meanwhile differs from the fingerprint, so the next
-        check loads again and the digest follows).
+        digest of those files, read with the fingerprint: a change after it differs from the fingerprint, so the
+        next check loads again (a digest read after the load could describe a later version that gets rejected).
 
         When the new config watches files the old one did not (e.g. a new API-key file), fingerprint those and load
         again, a bounded number of times; if it never settles, mark the new files so the next check reloads.
@@ -259,11 +264,12 @@ class ConfigWatcher(Generic[T]):
         paths = self._paths(basis)
         for _ in range(_SETTLE_ATTEMPTS):
             seen = fingerprint(paths)
+            digest = content_digest(seen)
             value = self._load()
             wanted = self._paths(value)
             if set(wanted) <= set(paths):
                 settled = {path: seen[path] for path in wanted}
-                return value, settled, content_digest(settled)
+                return value, settled, digest if len(wanted) == len(paths) else content_digest(settled)
             paths = wanted
         unsettled = {path: seen.get(path, _UNSETTLED) for path in wanted}
         return value, unsettled, content_digest(fingerprint(wanted))

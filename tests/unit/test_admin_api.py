@@ -233,3 +233,55 @@ def test_admin_allow_remote_setting(tmp_path: Path) -> None:
     settings_file.write_text("admin_allow_remote: 3\n")
     with pytest.raises(SettingsError, match=r"settings.yaml:1: .*MESHGATE_ADMIN_ALLOW_REMOTE: expected bool, got 3"):
         load_settings({**flags, "settings": str(settings_file)}, {})
+
+
+async def test_status_withholds_a_rejected_configs_error_from_remote_clients(served: Served) -> None:
+    served.write("value: secret-looking\n")
+    assert not await served.watcher.check_now()
+    async with client(served.app, "10.0.0.7") as http:
+        remote = (await http.get("/v1/status")).json()["config"]["last_reload"]
+    async with client(served.app) as http:
+        local = (await http.get("/v1/status")).json()["config"]["last_reload"]
+    assert remote["ok"] is False and local["ok"] is False
+    assert "config.yaml:2" not in remote["error"] and "loopback" in remote["error"]
+    assert "config.yaml:2: value: expected an integer" in local["error"]
+
+
+def test_content_digest_leaves_hidden_files_out(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+        (folder / "a.yaml").write_text("value: 1\n")
+    (two / ".a.yaml.swp").write_bytes(b"\0" * 4096)  # an editor's swap file: no config
+    assert content_digest(fingerprint([one])) == content_digest(fingerprint([two]))
+
+
+async def test_the_digest_is_of_the_version_loaded_not_of_a_later_one(tmp_path: Path) -> None:
+    # A write that lands while the load runs (and is then rejected) must not become the served config's digest.
+    path = tmp_path / "config.yaml"
+    path.write_text("value: 1\n")
+    writes: list[str] = []
+
+    def load_then_overwrite() -> int:
+        value = _load(path)
+        if writes:
+            path.write_text(writes.pop())
+        return value
+
+    async def swapped(_value: int) -> None:
+        return None
+
+    watcher: ConfigWatcher[int] = ConfigWatcher(
+        load_then_overwrite, lambda _current: [path], swapped, component=f"apitest{next(_IDS)}"
+    )
+    watcher.load_initial()
+    served_digest = watcher.status().digest
+    path.write_text("value: 2\n")
+    writes.append("value: broken\n")
+    assert await watcher.check_now()  # loads 2; "broken" lands meanwhile
+    assert watcher.current == 2
+    loaded_two = watcher.status().digest
+    assert not await watcher.check_now()  # "broken" is rejected
+    assert watcher.status().digest == loaded_two != served_digest
+    path.write_text("value: 2\n")
+    assert loaded_two == content_digest(fingerprint([path]))

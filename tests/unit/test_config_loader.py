@@ -290,7 +290,9 @@ def test_load_config_of_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["jwks_uri_with_credentials", "introspection_endpoint_with_credentials"])
+@pytest.mark.parametrize(
+    "name", ["jwks_uri_with_credentials", "introspection_endpoint_with_credentials", "jwks_uri_bad_port"]
+)
 def test_a_url_with_credentials_is_refused_without_quoting_them(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHGATE_TEST_SECRET", "s" * 32)
     with pytest.raises(ConfigError) as caught:

@@ -425,3 +425,30 @@ async def test_openapi_lists_every_v1_route(served: Served) -> None:
     check = schema["paths"]["/v1/check"]["post"]
     assert {"400", "403", "413"} <= set(check["responses"])
     assert "headers" in check["requestBody"]["content"][ok]["schema"]["properties"]
+
+
+async def test_check_answers_signed_claims_json_cannot_hold_as_they_are_forwarded(served: Served) -> None:
+    # A lone surrogate in a signed sub (JSON's "\ud800") and an exp past year 9999: allowed by the pipeline, so the
+    # dry run must answer too (it answered 500), with the subject as the headers carry it.
+    bearer = token(sub="ann\ud800", roles=["orders.read"], exp=10**12)
+    status, body = await dry_run(served.app, {"path": "/orders/7", "headers": {"authorization": f"Bearer {bearer}"}})
+    assert status == 200 and body["allowed"] is True
+    assert body["identity"]["subject"] == "ann" and body["identity"]["expires_at"] is None
+    assert {"name": "x-auth-subject", "value": "ann"} in body["envoy"]["headers_to_set"]
+
+
+def test_policy_summary_never_shows_a_secret_headers_value() -> None:
+    from extauthz.config import HeaderMatch, RequestMatch
+    from extauthz.policy_summary import describe_request
+
+    match = RequestMatch(
+        headers=(
+            HeaderMatch(name="x-internal-token", exact="S3CR3T-SHARED-TOKEN"),
+            HeaderMatch(name="authorization", prefix="Basic YWRtaW46aHVudGVyMg"),
+            HeaderMatch(name="x-partner", exact="acme"),
+        )
+    )
+    text = describe_request(match)
+    assert "S3CR3T" not in text and "YWRtaW4" not in text
+    assert "x-internal-token = ***" in text and "authorization starts with ***" in text
+    assert "x-partner = 'acme'" in text
