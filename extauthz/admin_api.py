@@ -22,7 +22,7 @@ from extauthz.model import CheckInput, Decision, Identity
 from extauthz.pipeline import REQUEST_ID_HEADER, Pipeline
 from extauthz.policy_summary import PolicyOut, summarize
 from extauthz.response import header_safe
-from meshgate.admin_api import client_of, local_router, read_body
+from meshgate.admin_api import client_of, json_request_body, local_router, read_body
 from meshgate.admin_errors import error_responses, invalid_request
 
 log = logging.getLogger(__name__)
@@ -189,12 +189,7 @@ def build_v1_router(pipeline: Callable[[], Pipeline], policy_path: Path, *, allo
         "/check",
         summary="Dry run: what extauthz would decide for a request described in JSON (not counted nor audited)",
         responses=error_responses(400, 413),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": CheckIn.model_json_schema()}},
-            }
-        },
+        openapi_extra=json_request_body(CheckIn),
     )
     async def check(request: Request) -> CheckOut:
         inp = await _check_input(request)

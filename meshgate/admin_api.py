@@ -147,6 +147,31 @@ def client_of(request: Request) -> str:
 
 
 # -- bodies ----------------------------------------------------------------------------------------------------
+def json_request_body(model: type[BaseModel], *, by_alias: bool = True) -> dict[str, Any]:
+    """A route's ``openapi_extra`` for a JSON body read by hand (``read_body``) that ``model`` validates.
+
+    pydantic's schema refers to nested models as ``#/$defs/...``, which means nothing once it sits inside the
+    OpenAPI document's ``paths``: they are inlined (the models are not recursive; a recursive one raises)."""
+    schema = model.model_json_schema(by_alias=by_alias)
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def inline(node: Any, expanding: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [inline(item, expanding) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in expanding:
+                raise ValueError(f"{model.__name__}: {name} is recursive; its schema cannot be inlined")
+            rest = {key: value for key, value in node.items() if key != "$ref"}
+            return inline({**defs[name], **rest}, (*expanding, name))
+        return {key: inline(value, expanding) for key, value in node.items()}
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema, ())}}}}
+
+
 async def body_within(request: Request, limit: int) -> bytes | None:
     """The request's body, or None as soon as it is known to be over ``limit`` bytes (the rest is never read, so
     a huge or endless upload cannot fill the memory first). Raises ``ClientDisconnect`` when the client left."""

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from meshgate.admin_api import read_body
+from meshgate.admin_api import json_request_body, read_body
 from meshgate.admin_errors import ApiError, invalid_request
 from meshgate.periodic import Periodic
 from ratelimit import metrics
@@ -96,12 +96,7 @@ def to_model(body: JsonRequest) -> RateLimitRequest:
     return RateLimitRequest(body.domain, descriptors, body.hits_addend or 1)
 
 
-REQUEST_BODY_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": JsonRequest.model_json_schema(by_alias=False)}},
-    }
-}
+REQUEST_BODY_SCHEMA: dict[str, Any] = json_request_body(JsonRequest, by_alias=False)
 
 
 class JsonAnswer(NamedTuple):

@@ -149,3 +149,37 @@ async def test_openapi_lists_the_ratelimit_v1_routes(rl: tuple[RateLimitApp, Fas
     assert check["responses"]["200"]["content"][ok]["schema"] == {"$ref": "#/components/schemas/ShouldRateLimitOut"}
     assert {"400", "403", "413", "503"} <= set(check["responses"])
     assert "domain" in check["requestBody"]["content"][ok]["schema"]["properties"]
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        return [ref for key, value in node.items() for ref in ([value] if key == "$ref" else _refs(value))]
+    return [ref for item in node for ref in _refs(item)] if isinstance(node, list) else []
+
+
+async def test_every_ref_in_the_openapi_document_resolves(rl: tuple[RateLimitApp, FastAPI]) -> None:
+    # Request bodies read by hand carry pydantic's schema; its "#/$defs/..." would point nowhere in the document.
+    _, app = rl
+    async with client(app) as http:
+        schema = (await http.get("/openapi.json")).json()
+    refs = _refs(schema)
+    assert refs
+    for ref in refs:
+        node = schema
+        for part in ref.removeprefix("#/").split("/"):
+            assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
+            node = node[part]
+    body = schema["paths"]["/json"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["descriptors"]["items"]["properties"]["entries"]["items"]["properties"]["key"]
+
+
+def test_a_recursive_models_schema_is_refused() -> None:
+    from pydantic import BaseModel
+
+    from meshgate.admin_api import json_request_body
+
+    class Tree(BaseModel):
+        children: list[Tree] = []
+
+    with pytest.raises(ValueError, match="recursive"):
+        json_request_body(Tree)
