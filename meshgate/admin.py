@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from meshgate.admin_errors import install_error_handlers
+from meshgate.admin_errors import error_json, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,9 @@ class _GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     @staticmethod
     def _write_refusal(transport: asyncio.Transport, status: HTTPStatus) -> None:
-        body = f"{status.phrase}\n".encode()
+        body = error_json(status.value)  # the admin port's one error shape, as the app's errors
         transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status.value, status.phrase.encode(), len(body), body)
         )
 

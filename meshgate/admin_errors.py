@@ -57,7 +57,13 @@ def error_response(
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, **extra)
 
 
-def _code_of(status: int) -> str:
+def error_json(status: int, message: str = "") -> bytes:
+    """The body of an answer written below the app (the admin protocol's own 408/413/431/503)."""
+    body = ErrorBody(error=ErrorDetail(code=code_of(status), message=message or HTTPStatus(status).phrase))
+    return body.model_dump_json(exclude_none=True).encode()
+
+
+def code_of(status: int) -> str:
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
@@ -73,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, _code_of(exc.status_code), str(exc.detail), headers=exc.headers)
+        return error_response(exc.status_code, code_of(exc.status_code), str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal(_request: Request, _exc: Exception) -> JSONResponse:

@@ -258,6 +258,11 @@ async def test_a_head_over_the_limit_is_refused_431(limited: AdminServer, head: 
         await asyncio.sleep(0.01)
     answer = await asyncio.wait_for(reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head_part  # the admin port's one error shape
+    assert json.loads(body) == {
+        "error": {"code": "request_header_fields_too_large", "message": "Request Header Fields Too Large"}
+    }
     writer.close()
     assert (await http_get(limited.port, "/healthz"))[0] == 200  # the server itself is fine
 
