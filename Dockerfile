@@ -27,7 +27,7 @@ ENV PYTHONUNBUFFERED=1 \
     MESHGATE_SETTINGS=/usr/local/etc/meshgate/settings.yaml
 EXPOSE 9001 9002 9090
 # GET /healthz on the admin port the server really uses: `meshgate healthcheck` reads the serving process's flags,
-# environment and settings file (python + the CLI's light imports, no framework).
+# environment and settings file, else its listening sockets (python + the CLI's light imports, no framework).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["meshgate", "healthcheck"]
 ENTRYPOINT ["meshgate"]
 CMD ["serve", "extauthz", "--config", "/etc/meshgate/policy.yaml"]

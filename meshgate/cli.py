@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import http.client
 import io
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meshgate import __version__
+from meshgate.procnet import listening_ports
 from meshgate.settings import (
     LOG_LEVELS,
     RATELIMIT_HEADER_MODES,
@@ -168,8 +170,37 @@ def _loopback_for(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
+def _probe_healthz(host: str, port: int, timeout: float) -> tuple[int, bytes]:
+    """(status, body) of ``GET /healthz``; raises OSError or HTTPException when nothing answers it."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", "/healthz", headers={"Connection": "close"})
+        answer = connection.getresponse()
+        return answer.status, answer.read(256)
+    finally:
+        connection.close()
+
+
+def _admin_among_listeners(pid: int, skip: tuple[str, int] | None, timeout: float) -> tuple[str, int] | None:
+    """The socket of ``pid`` that answers ``/healthz`` as the admin port does (200, ``{"status":"ok"}``): the
+    other ports are gRPC (no HTTP/1.1) and ext_authz (an empty 200 or a JSON denial), never that body."""
+    for address, port in listening_ports(pid):
+        host = _loopback_for(address)
+        if (host, port) == skip:
+            continue
+        with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
+            status, body = _probe_healthz(host, port, timeout)
+            if status == 200 and json.loads(body) == {"status": "ok"}:
+                return host, port
+    return None
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
-    """Exit 0 when ``/healthz`` answers 200 on the admin port that ``meshgate serve`` really uses, else 1."""
+    """Exit 0 when ``/healthz`` answers 200 on the admin port that ``meshgate serve`` really uses, else 1.
+
+    That port comes from the process's flags, environment and settings file. When they no longer tell (the file
+    was edited or removed since it started, or the port was picked at start), the process's listening sockets do.
+    """
     pid = _serving_process(args.pid)
     argv = None if pid is None else _serve_argv(pid)
     if pid is None or argv is None:
@@ -178,27 +209,38 @@ def _healthcheck(args: argparse.Namespace) -> int:
     try:
         settings = _effective_settings(pid, argv)
     except SettingsError as error:
-        print(f"meshgate healthcheck: settings of process {pid}: {error}", file=sys.stderr)
-        return 1
-    if settings.admin_port <= 0:  # off, or a free port picked at start (logged): nothing to ask
-        state = "off" if settings.admin_port < 0 else "picked at start"
-        print(f"process {pid} runs; its admin port is {state}, /healthz not checked")
+        problem = f"settings of process {pid}: {error}"
+        return _healthcheck_by_listeners(pid, None, problem, args.timeout)
+    if settings.admin_port < 0:
+        print(f"process {pid} runs; its admin port is off, /healthz not checked")
+        return 0
+    if settings.admin_port == 0:  # a free port picked at start (logged)
+        found = _admin_among_listeners(pid, None, args.timeout)
+        if found is None:
+            print(f"process {pid} runs; its admin port was picked at start and is not found yet, /healthz not checked")
+            return 0
+        print(f"ok: {found[0]}:{found[1]}/healthz (process {pid}, port picked at start)")
         return 0
     host = _loopback_for(settings.host)
     where = f"{host}:{settings.admin_port}"
-    connection = http.client.HTTPConnection(host, settings.admin_port, timeout=args.timeout)
     try:
-        connection.request("GET", "/healthz", headers={"Connection": "close"})
-        status = connection.getresponse().status
+        status, _body = _probe_healthz(host, settings.admin_port, args.timeout)
     except (OSError, http.client.HTTPException) as error:
-        print(f"meshgate healthcheck: {where}/healthz: {error}", file=sys.stderr)
-        return 1
-    finally:
-        connection.close()
+        # Perhaps its settings changed since it started: is another of its sockets the admin port?
+        return _healthcheck_by_listeners(pid, (host, settings.admin_port), f"{where}/healthz: {error}", args.timeout)
     if status != 200:
         print(f"meshgate healthcheck: {where}/healthz answered {status}", file=sys.stderr)
         return 1
     print(f"ok: {where}/healthz (process {pid})")
+    return 0
+
+
+def _healthcheck_by_listeners(pid: int, tried: tuple[str, int] | None, problem: str, timeout: float) -> int:
+    found = _admin_among_listeners(pid, tried, timeout)
+    if found is None:
+        print(f"meshgate healthcheck: {problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {found[0]}:{found[1]}/healthz (process {pid}, found by its listening sockets; {problem})")
     return 0
 
 

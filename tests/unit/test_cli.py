@@ -184,6 +184,48 @@ def test_healthcheck_follows_the_servers_flags_env_and_relative_settings_file(
         assert main(["healthcheck", "--pid", str(server.pid)]) == 0
 
 
+def test_healthcheck_finds_the_admin_port_by_its_sockets_when_the_settings_no_longer_tell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Settings edited or removed since the server started: its listening sockets name the admin port, and the
+    ext_authz port (which answers this public /healthz with an empty 200) is not taken for it."""
+    from tests.support.ports import free_port
+    from tests.support.procs import Proc
+
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    (folder / "policy.yaml").write_text(HEALTH_POLICY)
+    admin = free_port()
+    settings = folder / "settings.yaml"
+    settings.write_text(f"config: policy.yaml\nhost: 127.0.0.1\ngrpc_port: 0\nhttp_port: 0\nadmin_port: {admin}\n")
+    command = [sys.executable, "-m", "meshgate", "serve", "extauthz", "--settings", "settings.yaml"]
+    with Proc(command, cwd=folder, name="serve") as server:
+        server.wait_for_port(admin, timeout=30)
+        settings.write_text(settings.read_text().replace(f"admin_port: {admin}", f"admin_port: {free_port()}"))
+        assert main(["healthcheck", "--pid", str(server.pid)]) == 0
+        out = capsys.readouterr().out.strip()
+        assert out.startswith(f"ok: 127.0.0.1:{admin}/healthz (process {server.pid}, found by its listening sockets")
+        settings.unlink()
+        assert main(["healthcheck", "--pid", str(server.pid)]) == 0
+        assert capsys.readouterr().out.startswith(f"ok: 127.0.0.1:{admin}/healthz")
+
+
+def test_healthcheck_finds_an_admin_port_picked_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.procs import Proc
+
+    (tmp_path / "policy.yaml").write_text(HEALTH_POLICY)
+    command = [sys.executable, "-m", "meshgate", "serve", "extauthz", "--config", str(tmp_path / "policy.yaml")]
+    ports = ["--grpc-port", "0", "--http-port", "0", "--admin-port", "0"]
+    with Proc([*command, *ports], cwd=tmp_path, name="serve") as server:
+        deadline = time.monotonic() + 30
+        out = ""
+        while time.monotonic() < deadline and not out.startswith("ok:"):
+            assert main(["healthcheck", "--pid", str(server.pid)]) == 0  # starting: "not found yet", still 0
+            out = capsys.readouterr().out
+            time.sleep(0.1)
+        assert out.startswith("ok: 127.0.0.1:") and "port picked at start" in out
+
+
 def test_healthcheck_fails_when_the_admin_port_does_not_answer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
