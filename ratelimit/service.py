@@ -272,6 +272,9 @@ class RateLimitService:
         # series is one per domain: the keys are the client's to choose (and so, see _plan, is an unknown domain).
         if rule is None:
             return Rule(path=OVERRIDE_RULE, limits=(override,))
+        # A plain Rule, not a copy of the ConfigRule: its ``shared`` must not apply (envoyproxy's GetLimit returns
+        # the override before walking the tree, so share_threshold never reaches it and each value counts alone),
+        # and its precomputed idents would name the rule's limit, not the override's.
         return Rule(
             path=rule.path,
             limits=(override,),

@@ -242,6 +242,79 @@ async def test_limit_override_replaces_the_rule_and_applies_without_one() -> Non
     assert backend.calls
 
 
+WILDCARDS = """\
+domain: files
+descriptors:
+  - key: file
+    value: shared/*
+    share_threshold: true
+    rate_limit: {unit: hour, requests_per_unit: 10}
+  - key: file
+    value: own/*
+    rate_limit: {unit: hour, requests_per_unit: 10}
+"""
+
+
+def wildcard_service() -> tuple[RateLimitService, Recording, Clock]:
+    config = parse_config(WILDCARDS)
+    backend = Recording(real_backend())
+    clock = Clock()
+    return RateLimitService(lambda: config, backend, clock=clock, stats=RuleStatsCollector()), backend, clock
+
+
+def file(value: str, override: Limit | None = None) -> RateLimitRequest:
+    return req(Descriptor((Entry("file", value),), limit_override=override), domain="files")
+
+
+async def test_limit_override_on_a_shared_wildcard_counts_each_value_alone() -> None:
+    """envoyproxy's GetLimit returns the override before walking the descriptor tree, so the rule's
+    share_threshold never reaches it: each value counts alone, under the override's limit."""
+    service, backend, _ = wildcard_service()
+    assert (await service.should_rate_limit(file("shared/a"))).statuses[0].remaining == 9
+    assert (await service.should_rate_limit(file("shared/b"))).statuses[0].remaining == 8  # one shared counter
+    shared_key = backend.calls[-1][0].key
+    override = Limit(1, Unit.HOUR)
+    a = await service.should_rate_limit(file("shared/a", override))
+    a_key = backend.calls[-1][0].key
+    b = await service.should_rate_limit(file("shared/b", override))
+    assert a.statuses[0] == b.statuses[0] == DescriptorStatus(Code.OK, override, 0, 3600.0)
+    assert len({shared_key, a_key, backend.calls[-1][0].key}) == 3
+    assert "file=shared/a" in a_key  # the raw value, not the pattern
+    assert (await service.should_rate_limit(file("shared/a", override))).code is Code.OVER_LIMIT
+    assert (await service.should_rate_limit(file("shared/c"))).statuses[0].remaining == 7  # untouched by overrides
+
+
+async def test_limit_override_on_a_plain_wildcard_counts_each_value_alone() -> None:
+    service, _, _ = wildcard_service()
+    override = Limit(2, Unit.MINUTE)
+    first = [await service.should_rate_limit(file("own/a", override)) for _ in range(2)]
+    assert [answer.statuses[0].remaining for answer in first] == [1, 0]
+    assert (await service.should_rate_limit(file("own/b", override))).statuses[0].remaining == 1
+    assert (await service.should_rate_limit(file("own/a", override))).code is Code.OVER_LIMIT
+    assert (await service.should_rate_limit(file("own/a"))).statuses[0].remaining == 9  # the rule's own counter
+
+
+async def test_limit_override_unit_sets_the_window_not_the_rules() -> None:
+    """The rule counts per hour; an override's unit is its window (as envoyproxy's key takes the override's
+    divider), and the same count per another unit is another counter."""
+    service, _, clock = wildcard_service()
+    per_second = Limit(2, Unit.SECOND)
+    answers = [await service.should_rate_limit(file("shared/a", per_second)) for _ in range(3)]
+    assert [a.statuses[0] for a in answers] == [
+        DescriptorStatus(Code.OK, per_second, 1, 1.0),
+        DescriptorStatus(Code.OK, per_second, 0, 1.0),
+        DescriptorStatus(Code.OVER_LIMIT, per_second, 0, 1.0),
+    ]
+    clock.now += 1  # the override's next second: whole again
+    assert (await service.should_rate_limit(file("shared/a", per_second))).statuses[0].remaining == 1
+    per_minute = Limit(10, Unit.MINUTE)  # the rule's count, another unit
+    assert (await service.should_rate_limit(file("shared/a", per_minute))).statuses[0] == DescriptorStatus(
+        Code.OK, per_minute, 9, 59.0
+    )
+    rule = Limit(10, Unit.HOUR)
+    assert (await service.should_rate_limit(file("shared/b"))).statuses[0] == DescriptorStatus(Code.OK, rule, 9, 3599.0)
+
+
 async def test_client_chosen_names_never_multiply_metric_series_or_shadow_log_lines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
