@@ -139,49 +139,62 @@ def _started(stack: ExitStack, service: ServiceProcess) -> ServiceProcess:
 
 
 @contextmanager
-def running_demo(say: Callable[[str], None], envoy_bin: Path | None = None) -> Iterator[Demo]:
-    """Start everything; yield the Envoy port and credentials; stop everything on exit."""
+def running_demo(
+    say: Callable[[str], None], envoy_bin: Path | None = None, on_stopping: Callable[[], None] = lambda: None
+) -> Iterator[Demo]:
+    """Start everything; yield the Envoy port and credentials; stop everything on exit. ``on_stopping`` runs
+    before what started is stopped after a failed start (the caller's own stop covers the rest)."""
     with ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshgate-demo-")))
-        key: SigningKey = generate_rsa_key("demo-key-1")
-        jwks = stack.enter_context(JwksServer([key]))
-        upstream = stack.enter_context(EchoThread())
-        api_key = generate_api_key()
-        (workdir / "keys.yaml").write_text(KEYS.format(digest=hash_api_key(api_key)))
-        policy = workdir / "policy.yaml"
-        policy.write_text(POLICY.format(issuer=jwks.issuer, jwks_uri=jwks.jwks_uri))
-        quotas = workdir / "ratelimit.yaml"
-        quotas.write_text(QUOTAS.format(anonymous=ANONYMOUS_PER_MINUTE, free=FREE_PER_MINUTE))
-        say(f"policy: {policy}")
-        say(f"quotas: {quotas}")
-        service = _started(stack, ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"]))
-        ports = service.ports
-        say(f"extauthz: gRPC :{ports['grpc_port']}  HTTP :{ports['http_port']}  admin :{ports['admin_port']}")
-        rl_env = {**os.environ, "MESHGATE_RATELIMIT_HEADERS": "draft"}
-        ratelimit = _started(
-            stack, ServiceProcess(["ratelimit", "--config", str(quotas), "--drain-seconds", "1"], env=rl_env)
-        )
-        rl_ports = ratelimit.ports
-        say(f"ratelimit: gRPC :{rl_ports['grpc_port']}  admin :{rl_ports['admin_port']}  (memory backend)")
-        config = render(
-            "extauthz-ratelimit.yaml",
-            listen_port=0,
-            upstream_port=upstream.port,
-            authz_port=ports["grpc_port"],
-            ratelimit_port=rl_ports["grpc_port"],
-            domain="demo",
-        )
-        envoy = EnvoyProcess(binary=envoy_bin)
-        stack.callback(envoy.stop)
-        envoy.start(config)
-        port = envoy.listener_port()
-        say(f"envoy: listening on 127.0.0.1:{port} (admin :{envoy.admin_port})")
-        yield Demo(
-            port=port,
-            reader_token=mint_token(key, key.kid, _claims(jwks.issuer, "alice", ["reader"])),
-            stranger_token=mint_token(key, key.kid, _claims(jwks.issuer, "bob", [])),
-            api_key=api_key,
-        )
+        try:
+            demo = _start(stack, say, envoy_bin)
+        except BaseException:
+            on_stopping()  # e.g. Envoy refused its config: a signal must not cut the stopping that follows short
+            raise
+        yield demo
+
+
+def _start(stack: ExitStack, say: Callable[[str], None], envoy_bin: Path | None) -> Demo:
+    """Start each part with its stop on ``stack``, so that whatever started is stopped however the start ends."""
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshgate-demo-")))
+    key: SigningKey = generate_rsa_key("demo-key-1")
+    jwks = stack.enter_context(JwksServer([key]))
+    upstream = stack.enter_context(EchoThread())
+    api_key = generate_api_key()
+    (workdir / "keys.yaml").write_text(KEYS.format(digest=hash_api_key(api_key)))
+    policy = workdir / "policy.yaml"
+    policy.write_text(POLICY.format(issuer=jwks.issuer, jwks_uri=jwks.jwks_uri))
+    quotas = workdir / "ratelimit.yaml"
+    quotas.write_text(QUOTAS.format(anonymous=ANONYMOUS_PER_MINUTE, free=FREE_PER_MINUTE))
+    say(f"policy: {policy}")
+    say(f"quotas: {quotas}")
+    service = _started(stack, ServiceProcess(["extauthz", "--config", str(policy), "--drain-seconds", "1"]))
+    ports = service.ports
+    say(f"extauthz: gRPC :{ports['grpc_port']}  HTTP :{ports['http_port']}  admin :{ports['admin_port']}")
+    rl_env = {**os.environ, "MESHGATE_RATELIMIT_HEADERS": "draft"}
+    ratelimit = _started(
+        stack, ServiceProcess(["ratelimit", "--config", str(quotas), "--drain-seconds", "1"], env=rl_env)
+    )
+    rl_ports = ratelimit.ports
+    say(f"ratelimit: gRPC :{rl_ports['grpc_port']}  admin :{rl_ports['admin_port']}  (memory backend)")
+    config = render(
+        "extauthz-ratelimit.yaml",
+        listen_port=0,
+        upstream_port=upstream.port,
+        authz_port=ports["grpc_port"],
+        ratelimit_port=rl_ports["grpc_port"],
+        domain="demo",
+    )
+    envoy = EnvoyProcess(binary=envoy_bin)
+    stack.callback(envoy.stop)
+    envoy.start(config)
+    port = envoy.listener_port()
+    say(f"envoy: listening on 127.0.0.1:{port} (admin :{envoy.admin_port})")
+    return Demo(
+        port=port,
+        reader_token=mint_token(key, key.kid, _claims(jwks.issuer, "alice", ["reader"])),
+        stranger_token=mint_token(key, key.kid, _claims(jwks.issuer, "bob", [])),
+        api_key=api_key,
+    )
 
 
 def tour_steps(demo: Demo) -> list[Step]:
@@ -317,6 +330,10 @@ class _Signals:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 
+    def stop(self) -> None:
+        """From now on the demo is stopping: further signals are ignored."""
+        self.stopping = True
+
     def _handle(self, _signum: int, _frame: FrameType | None) -> None:
         if not self.stopping:
             self.stopping = True
@@ -334,7 +351,7 @@ def run_demo(*, tour_only: bool = False, say: Callable[[str], None] = print) -> 
     ok = interrupted = False
     with _Signals() as signals:
         try:
-            with running_demo(say, envoy_bin) as demo:
+            with running_demo(say, envoy_bin, on_stopping=signals.stop) as demo:
                 try:
                     ok = run_tour(demo, say)
                     if not tour_only:
@@ -344,7 +361,7 @@ def run_demo(*, tour_only: bool = False, say: Callable[[str], None] = print) -> 
                     interrupted = True
                     say("\nstopping")
                 finally:
-                    signals.stopping = True  # stopping now, whatever ended it: a signal must not cut that short
+                    signals.stop()  # stopping now, whatever ended it: a signal must not cut that short
         except KeyboardInterrupt:  # while starting: what had started is stopped already
             interrupted = True
             say("\nstopped")
