@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,53 +196,134 @@ def _admin_among_listeners(pid: int, skip: tuple[str, int] | None, timeout: floa
     return None
 
 
-def _healthcheck(args: argparse.Namespace) -> int:
-    """Exit 0 when ``/healthz`` answers 200 on the admin port that ``meshgate serve`` really uses, else 1.
+@dataclass(frozen=True)
+class _AdminPort:
+    """Where a serving process's admin port answers, and what ``/healthz`` said there."""
 
-    That port comes from the process's flags, environment and settings file. When they no longer tell (the file
-    was edited or removed since it started, or the port was picked at start), the process's listening sockets do.
-    """
-    pid = _serving_process(args.pid)
-    argv = None if pid is None else _serve_argv(pid)
-    if pid is None or argv is None:
-        print(f"meshgate healthcheck: no `meshgate serve` process{'' if pid is None else f' {pid}'}", file=sys.stderr)
-        return 1
+    host: str
+    port: int
+    healthz_status: int
+    how: str = ""  # how it was found when not from the settings
+
+
+@dataclass(frozen=True)
+class _NoAdminPort:
+    why: str
+    expected: bool = False  # off, or picked at start and not up yet: nothing is wrong with the process
+
+
+def _find_admin(pid: int, argv: Sequence[str], timeout: float) -> _AdminPort | _NoAdminPort:
+    """The admin port process ``pid`` (``meshgate serve`` + ``argv``) really uses: from its flags, environment and
+    settings file; when those no longer tell (the file edited or removed since it started, or a port picked at
+    start), from its listening sockets."""
     try:
         settings = _effective_settings(pid, argv)
     except SettingsError as error:
-        problem = f"settings of process {pid}: {error}"
-        return _healthcheck_by_listeners(pid, None, problem, args.timeout)
+        return _by_listeners(pid, None, f"settings of process {pid}: {error}", timeout)
     if settings.admin_port < 0:
-        print(f"process {pid} runs; its admin port is off, /healthz not checked")
-        return 0
+        return _NoAdminPort(f"process {pid} runs; its admin port is off", expected=True)
     if settings.admin_port == 0:  # a free port picked at start (logged)
-        found = _admin_among_listeners(pid, None, args.timeout)
+        found = _admin_among_listeners(pid, None, timeout)
         if found is None:
-            print(f"process {pid} runs; its admin port was picked at start and is not found yet, /healthz not checked")
-            return 0
-        print(f"ok: {found[0]}:{found[1]}/healthz (process {pid}, port picked at start)")
-        return 0
+            why = f"process {pid} runs; its admin port was picked at start and is not found yet"
+            return _NoAdminPort(why, expected=True)
+        return _AdminPort(*found, 200, "port picked at start")
     host = _loopback_for(settings.host)
-    where = f"{host}:{settings.admin_port}"
     try:
-        status, _body = _probe_healthz(host, settings.admin_port, args.timeout)
+        status, _body = _probe_healthz(host, settings.admin_port, timeout)
     except (OSError, http.client.HTTPException) as error:
         # Perhaps its settings changed since it started: is another of its sockets the admin port?
-        return _healthcheck_by_listeners(pid, (host, settings.admin_port), f"{where}/healthz: {error}", args.timeout)
-    if status != 200:
-        print(f"meshgate healthcheck: {where}/healthz answered {status}", file=sys.stderr)
-        return 1
-    print(f"ok: {where}/healthz (process {pid})")
-    return 0
+        where = f"{host}:{settings.admin_port}/healthz"
+        return _by_listeners(pid, (host, settings.admin_port), f"{where}: {error}", timeout)
+    return _AdminPort(host, settings.admin_port, status)
 
 
-def _healthcheck_by_listeners(pid: int, tried: tuple[str, int] | None, problem: str, timeout: float) -> int:
+def _by_listeners(pid: int, tried: tuple[str, int] | None, problem: str, timeout: float) -> _AdminPort | _NoAdminPort:
     found = _admin_among_listeners(pid, tried, timeout)
     if found is None:
-        print(f"meshgate healthcheck: {problem}", file=sys.stderr)
+        return _NoAdminPort(problem)
+    return _AdminPort(*found, 200, f"found by its listening sockets; {problem}")
+
+
+def _serving(command: str, pid_arg: int | None) -> tuple[int, list[str]] | None:
+    pid = _serving_process(pid_arg)
+    argv = None if pid is None else _serve_argv(pid)
+    if pid is None or argv is None:
+        print(f"meshgate {command}: no `meshgate serve` process{'' if pid is None else f' {pid}'}", file=sys.stderr)
+        return None
+    return pid, argv
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when ``/healthz`` answers 200 on the admin port that ``meshgate serve`` really uses, else 1."""
+    serving = _serving("healthcheck", args.pid)
+    if serving is None:
         return 1
-    print(f"ok: {found[0]}:{found[1]}/healthz (process {pid}, found by its listening sockets; {problem})")
+    pid, argv = serving
+    admin = _find_admin(pid, argv, args.timeout)
+    if isinstance(admin, _NoAdminPort):
+        if admin.expected:
+            print(f"{admin.why}, /healthz not checked")
+            return 0
+        print(f"meshgate healthcheck: {admin.why}", file=sys.stderr)
+        return 1
+    where = f"{admin.host}:{admin.port}"
+    if admin.healthz_status != 200:
+        print(f"meshgate healthcheck: {where}/healthz answered {admin.healthz_status}", file=sys.stderr)
+        return 1
+    print(f"ok: {where}/healthz (process {pid}{f', {admin.how}' if admin.how else ''})")
     return 0
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+    """One call to the serving process's ``/v1`` API on its admin port, from inside its container (``kubectl
+    exec``: loopback, which the API's local calls require; the image has no curl). Prints the JSON answer; exit 0
+    on a 2xx answer, else 1."""
+    serving = _serving(args.command, args.pid)
+    if serving is None:
+        return 1
+    pid, argv = serving
+    admin = _find_admin(pid, argv, min(args.timeout, 5.0))
+    if isinstance(admin, _NoAdminPort):
+        print(f"meshgate {args.command}: {admin.why}", file=sys.stderr)
+        return 1
+    payload = None if body is None else json.dumps(body).encode()
+    connection = http.client.HTTPConnection(admin.host, admin.port, timeout=args.timeout)
+    try:
+        headers = {"Connection": "close", "Content-Type": "application/json"}
+        connection.request(method, path, body=payload, headers=headers)
+        answer = connection.getresponse()
+        status, raw = answer.status, answer.read()
+    except (OSError, http.client.HTTPException) as error:
+        print(f"meshgate {args.command}: {admin.host}:{admin.port}{path}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    try:
+        print(json.dumps(json.loads(raw), indent=2))
+    except ValueError:
+        print(raw.decode("utf-8", "replace"))
+    return 0 if 200 <= status < 300 else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _admin_call(args, "GET", "/v1/status")
+
+
+def _reload(args: argparse.Namespace) -> int:
+    return _admin_call(args, "POST", "/v1/reload")
+
+
+def _check(args: argparse.Namespace) -> int:
+    headers: dict[str, list[str]] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            print(f"meshgate check: --header {item!r}: expected 'name: value'", file=sys.stderr)
+            return 2
+        headers.setdefault(name.strip(), []).append(value.strip())
+    body = {"method": args.method, "host": args.host, "path": args.path, "headers": headers}
+    return _admin_call(args, "POST", "/v1/check", body)
 
 
 def _apikey(args: argparse.Namespace) -> int:
@@ -330,6 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     healthcheck.add_argument("--timeout", type=float, default=1.0, help="seconds for /healthz to answer (default 1)")
     healthcheck.set_defaults(handler=_healthcheck)
+
+    pid_help = "the serving process (default: PID 1 if it is `meshgate serve`, else the first one)"
+    for name, handler, text in (
+        ("status", _status, "print the running server's /v1/status (version, readiness, the config served)"),
+        ("reload", _reload, "make the running server check its config files now (/v1/reload); exit 1 if rejected"),
+        ("check", _check, "dry run (extauthz /v1/check): what the running server would decide for a request"),
+    ):
+        command = commands.add_parser(name, help=f"{text}; from inside its container (kubectl exec)")
+        command.add_argument("--pid", type=int, help=pid_help)
+        command.add_argument("--timeout", type=float, default=30.0, help="seconds for the answer (default 30)")
+        command.set_defaults(handler=handler)
+        if name == "check":
+            command.add_argument("path", help="the request's path, with its ?query")
+            command.add_argument("--method", default="GET")
+            command.add_argument("--host", default="", help="the :authority")
+            command.add_argument(
+                "-H", "--header", action="append", default=[], help="'name: value', repeatable (a token, a key)"
+            )
     return parser
 
 

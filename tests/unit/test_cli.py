@@ -1,6 +1,7 @@
 """The `meshgate` command's own paths (serve itself is exercised end to end in tests/e2e)."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -266,3 +267,51 @@ def test_healthcheck_refuses_other_processes_and_bad_settings(
         fake.kill()
         fake.wait()
     assert "70000 is not a port" in capsys.readouterr().err
+
+
+def test_status_reload_and_check_reach_the_running_servers_v1_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From inside the container (kubectl exec: loopback, no curl in the image), through the admin port."""
+    from tests.support.ports import free_port
+    from tests.support.procs import Proc
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(HEALTH_POLICY)
+    admin = free_port()
+    command = [sys.executable, "-m", "meshgate", "serve", "extauthz", "--config", str(policy), "--grpc-port", "0"]
+    with Proc([*command, "--http-port", "-1", "--admin-port", str(admin)], cwd=tmp_path, name="serve") as server:
+        server.wait_for_port(admin, timeout=30)
+        pid = ["--pid", str(server.pid)]
+        assert main(["status", *pid]) == 0
+        assert json.loads(capsys.readouterr().out)["config"]["generation"] == 1
+
+        policy.write_text("version: 1\nrules: [oops\n")
+        assert main(["reload", *pid]) == 1  # rejected: exit 1, the file:line error printed, the old one serves
+        rejected = json.loads(capsys.readouterr().out)
+        assert rejected["error"]["code"] == "invalid_config" and f"{policy}:" in rejected["error"]["message"]
+        assert rejected["config"]["generation"] == 1
+
+        policy.write_text(HEALTH_POLICY + "  - {name: open, public: true, match: {paths: [/open]}}\n")
+        assert main(["reload", *pid]) == 0
+        assert json.loads(capsys.readouterr().out)["config"]["generation"] == 2
+
+        assert main(["check", "/open", "--method", "post", *pid]) == 0
+        allowed = json.loads(capsys.readouterr().out)
+        assert (allowed["allowed"], allowed["rule"]) == (True, "open")
+        assert main(["check", "/private", "-H", "authorization: Bearer not-a-jwt", *pid]) == 0  # answered: exit 0
+        denied = json.loads(capsys.readouterr().out)
+        assert (denied["allowed"], denied["status"]) == (False, 401)
+        assert "not-a-jwt" not in json.dumps(denied)
+        assert main(["check", "/x", "-H", "no colon", *pid]) == 2
+        assert "expected 'name: value'" in capsys.readouterr().err
+
+
+def test_status_says_when_the_admin_port_is_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = _fake_server(tmp_path, "--admin-port", "-1")
+    try:
+        assert main(["status", "--pid", str(fake.pid)]) == 1
+    finally:
+        fake.kill()
+        fake.wait()
+    assert "its admin port is off" in capsys.readouterr().err
