@@ -386,8 +386,10 @@ def _issuer(r: Reader, base_dir: Path, env: Mapping[str, str]) -> JwtIssuer:
         key = "secret" if secret else "secret_env"
         raise r.error(key, "a shared secret only works with HS256/HS384/HS512 algorithms")
     if jwks_uri and (problem := http_url_problem(jwks_uri)):
-        # Quoted redacted: the error reaches logs, /v1/reload and /v1/status, and a query may carry a credential.
-        raise r.error("jwks_uri", f"{problem}, got {redact_url(jwks_uri)!r}")
+        # The error reaches logs and /v1/reload: quoted redacted, and not at all with an "@" in it (a password
+        # holding "?" or "/" hides its userinfo from any parser, redact_url's too).
+        quoted = "" if "@" in jwks_uri else f", got {redact_url(jwks_uri)!r}"
+        raise r.error("jwks_uri", f"{problem}{quoted}")
     if discovery and (problem := http_url_problem(issuer)):
         raise r.error("discovery", f"OIDC discovery needs an http(s) issuer URL: the issuer {problem}")
     if secret_env:

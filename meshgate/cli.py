@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,27 +183,39 @@ def _probe_healthz(host: str, port: int, timeout: float) -> tuple[int, bytes]:
         connection.close()
 
 
-def _admin_among_listeners(pid: int, skip: tuple[str, int] | None, timeout: float) -> tuple[str, int] | None:
-    """The socket of ``pid`` that answers ``/healthz`` as the admin port does (200, ``{"status":"ok"}``): the
-    other ports are gRPC (no HTTP/1.1) and ext_authz (an empty 200 or a JSON denial), never that body."""
-    for address, port in listening_ports(pid):
+def _is_admin_healthz(status: int, body: bytes) -> bool:
+    """The admin's own answer: the ext_authz port answers a public /healthz with an empty 200 or a JSON denial."""
+    try:
+        return status == 200 and json.loads(body) == {"status": "ok"}
+    except ValueError:
+        return False
+
+
+def _admin_among_listeners(
+    pid: int, skip: Sequence[tuple[str, int]], deadline: float, not_ports: Sequence[int] = ()
+) -> tuple[str, int] | None:
+    """The socket of ``pid`` that answers ``/healthz`` as the admin port does, trying the highest ports first (the
+    defaults: admin 9090 above ext_authz 9002 and gRPC 9001, so no probe becomes an authorization decision) and
+    never ``not_ports`` (its known service ports); all probes together within ``deadline`` (a monotonic time)."""
+    for address, port in sorted(listening_ports(pid), key=lambda item: -item[1]):
         host = _loopback_for(address)
-        if (host, port) == skip:
+        remaining = deadline - time.monotonic()
+        if (host, port) in skip or port in not_ports:
             continue
-        with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
-            status, body = _probe_healthz(host, port, timeout)
-            if status == 200 and json.loads(body) == {"status": "ok"}:
+        if remaining <= 0:
+            return None
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if _is_admin_healthz(*_probe_healthz(host, port, remaining)):
                 return host, port
     return None
 
 
 @dataclass(frozen=True)
 class _AdminPort:
-    """Where a serving process's admin port answers, and what ``/healthz`` said there."""
+    """Where a serving process's admin port answers ``/healthz`` as the admin does."""
 
     host: str
     port: int
-    healthz_status: int
     how: str = ""  # how it was found when not from the settings
 
 
@@ -214,35 +227,43 @@ class _NoAdminPort:
 
 def _find_admin(pid: int, argv: Sequence[str], timeout: float) -> _AdminPort | _NoAdminPort:
     """The admin port process ``pid`` (``meshgate serve`` + ``argv``) really uses: from its flags, environment and
-    settings file; when those no longer tell (the file edited or removed since it started, or a port picked at
-    start), from its listening sockets."""
+    settings file, when the port they name answers as the admin does; else (the file edited or removed since it
+    started, or a port picked at start) from its listening sockets. Within ``timeout`` in all."""
+    deadline = time.monotonic() + timeout
     try:
         settings = _effective_settings(pid, argv)
     except SettingsError as error:
-        return _by_listeners(pid, None, f"settings of process {pid}: {error}", timeout)
+        return _by_listeners(pid, (), deadline, f"settings of process {pid}: {error}")
     if settings.admin_port < 0:
         return _NoAdminPort(f"process {pid} runs; its admin port is off", expected=True)
+    services = [port for port in (settings.grpc_port, settings.http_port) if port > 0]
     if settings.admin_port == 0:  # a free port picked at start (logged)
-        found = _admin_among_listeners(pid, None, timeout)
+        found = _admin_among_listeners(pid, (), deadline, services)
         if found is None:
             why = f"process {pid} runs; its admin port was picked at start and is not found yet"
             return _NoAdminPort(why, expected=True)
-        return _AdminPort(*found, 200, "port picked at start")
+        return _AdminPort(*found, "port picked at start")
     host = _loopback_for(settings.host)
+    where = f"{host}:{settings.admin_port}/healthz"
     try:
-        status, _body = _probe_healthz(host, settings.admin_port, timeout)
+        status, body = _probe_healthz(host, settings.admin_port, timeout)
     except (OSError, http.client.HTTPException) as error:
-        # Perhaps its settings changed since it started: is another of its sockets the admin port?
-        where = f"{host}:{settings.admin_port}/healthz"
-        return _by_listeners(pid, (host, settings.admin_port), f"{where}: {error}", timeout)
-    return _AdminPort(host, settings.admin_port, status)
+        problem = f"{where}: {error}"
+    else:
+        if _is_admin_healthz(status, body):
+            return _AdminPort(host, settings.admin_port)
+        problem = f"{where} answered {status}" + ("" if status != 200 else ", not as the admin port does")
+    # Perhaps its settings changed since it started: is another of its sockets the admin port?
+    return _by_listeners(pid, [(host, settings.admin_port)], deadline, problem, services)
 
 
-def _by_listeners(pid: int, tried: tuple[str, int] | None, problem: str, timeout: float) -> _AdminPort | _NoAdminPort:
-    found = _admin_among_listeners(pid, tried, timeout)
+def _by_listeners(
+    pid: int, tried: Sequence[tuple[str, int]], deadline: float, problem: str, not_ports: Sequence[int] = ()
+) -> _AdminPort | _NoAdminPort:
+    found = _admin_among_listeners(pid, tried, deadline, not_ports)
     if found is None:
         return _NoAdminPort(problem)
-    return _AdminPort(*found, 200, f"found by its listening sockets; {problem}")
+    return _AdminPort(*found, f"found by its listening sockets; {problem}")
 
 
 def _serving(command: str, pid_arg: int | None) -> tuple[int, list[str]] | None:
@@ -267,11 +288,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
             return 0
         print(f"meshgate healthcheck: {admin.why}", file=sys.stderr)
         return 1
-    where = f"{admin.host}:{admin.port}"
-    if admin.healthz_status != 200:
-        print(f"meshgate healthcheck: {where}/healthz answered {admin.healthz_status}", file=sys.stderr)
-        return 1
-    print(f"ok: {where}/healthz (process {pid}{f', {admin.how}' if admin.how else ''})")
+    print(f"ok: {admin.host}:{admin.port}/healthz (process {pid}{f', {admin.how}' if admin.how else ''})")
     return 0
 
 

@@ -102,25 +102,36 @@ def _walk(directory: str, out: list[tuple[str | int, ...]], depth: int, seen: se
 
 
 def content_digest(seen: Fingerprint) -> str:
-    """``sha256:<hex>`` of the regular files in a fingerprint (names and contents, in the fingerprint's order), so
-    replicas can be compared: equal contents give equal digests whatever the inodes and ConfigMap folder names.
-    Hidden files (an editor's swap file beside the descriptors) are no config and do not count. Files are read in
-    chunks, never whole. Never raises: an unreadable file counts as its name alone (the load reads it or fails)."""
-    digest = hashlib.sha256()
-    for state in seen.values():
+    """``sha256:<hex>`` of the regular files in a fingerprint (names and contents), so replicas can be compared:
+    equal contents give equal digests whatever the inodes, ConfigMap folder names and the order the config lists
+    its files in. Inside a watched directory, hidden files and folders (an editor's swap file, a ``.git``) are no
+    config and do not count; a file the config names itself always counts. Files are read in chunks, never whole.
+    Never raises: an unreadable file counts as its name alone (the load reads it or fails)."""
+    files: list[tuple[bytes, bytes]] = []
+    for watched, state in seen.items():
+        root = os.path.realpath(watched)
         for entry in state:
             if len(entry) != 4 or not isinstance(entry[0], str):
                 continue  # a marker (missing, dangling, unreadable): no file to read
-            name = os.path.basename(entry[0])
-            if name.startswith("."):
+            path = entry[0]
+            if path != root and _hidden_below(root, path):
                 continue
-            digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
             try:
-                with open(entry[0], "rb") as file:
-                    digest.update(hashlib.file_digest(file, "sha256").digest())
+                with open(path, "rb") as file:
+                    content = hashlib.file_digest(file, "sha256").digest()
             except OSError:
-                digest.update(b"\0")
+                content = b""
+            files.append((os.path.basename(path).encode("utf-8", "surrogateescape"), content))
+    digest = hashlib.sha256()
+    for name, content in sorted(files):
+        digest.update(name + b"\0" + content)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _hidden_below(root: str, path: str) -> bool:
+    """Whether ``path`` sits in a hidden file or folder below ``root`` (".x"; ConfigMap internals, "..x", are not)."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    return any(part.startswith(".") and not part.startswith("..") for part in parts)
 
 
 @dataclass(frozen=True, slots=True)

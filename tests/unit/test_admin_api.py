@@ -285,3 +285,42 @@ async def test_the_digest_is_of_the_version_loaded_not_of_a_later_one(tmp_path: 
     assert watcher.status().digest == loaded_two != served_digest
     path.write_text("value: 2\n")
     assert loaded_two == content_digest(fingerprint([path]))
+
+
+def test_content_digest_ignores_the_order_files_are_listed_in(tmp_path: Path) -> None:
+    # Replicas that started with a config and reloaded into it from another order must agree.
+    (tmp_path / "policy.yaml").write_text("a\n")
+    (tmp_path / "keys.yaml").write_text("b\n")
+    one = [tmp_path / "policy.yaml", tmp_path / "keys.yaml"]
+    assert content_digest(fingerprint(one)) == content_digest(fingerprint(list(reversed(one))))
+
+
+def test_content_digest_counts_a_hidden_file_the_config_names_and_skips_hidden_folders(tmp_path: Path) -> None:
+    named = tmp_path / ".policy.yaml"  # --config .policy.yaml: the config itself
+    named.write_text("value: 1\n")
+    first = content_digest(fingerprint([named]))
+    named.write_text("value: 2\n")
+    assert content_digest(fingerprint([named])) != first
+
+    folder = tmp_path / "descriptors"
+    folder.mkdir()
+    (folder / "shop.yaml").write_text("domain: shop\n")
+    clean = content_digest(fingerprint([folder]))
+    (folder / ".old").mkdir()
+    (folder / ".old" / "shop.yaml").write_text("domain: stale\n")  # a hidden folder: no config
+    assert content_digest(fingerprint([folder])) == clean
+
+
+def test_content_digest_reads_a_configmaps_files(tmp_path: Path) -> None:
+    # Kubernetes: the visible names are symlinks into ..data, itself a symlink to a ..<timestamp> folder.
+    mount = tmp_path / "mount"
+    (mount / "..2026_12_08_v1").mkdir(parents=True)
+    (mount / "..2026_12_08_v1" / "shop.yaml").write_text("domain: shop\n")
+    (mount / "..data").symlink_to("..2026_12_08_v1")
+    (mount / "shop.yaml").symlink_to("..data/shop.yaml")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "shop.yaml").write_text("domain: shop\n")
+    assert content_digest(fingerprint([mount])) == content_digest(fingerprint([plain]))
+    (mount / "..2026_12_08_v1" / "shop.yaml").write_text("domain: other\n")
+    assert content_digest(fingerprint([mount])) != content_digest(fingerprint([plain]))

@@ -219,6 +219,9 @@ def test_healthcheck_finds_an_admin_port_picked_at_start(tmp_path: Path, capsys:
     ports = ["--grpc-port", "0", "--http-port", "0", "--admin-port", "0"]
     with Proc([*command, *ports], cwd=tmp_path, name="serve") as server:
         deadline = time.monotonic() + 30
+        cmdline = Path(f"/proc/{server.pid}/cmdline")
+        while b"\0serve\0" not in cmdline.read_bytes() and time.monotonic() < deadline:  # until the exec is done
+            time.sleep(0.01)
         out = ""
         while time.monotonic() < deadline and not out.startswith("ok:"):
             assert main(["healthcheck", "--pid", str(server.pid)]) == 0  # starting: "not found yet", still 0
@@ -315,3 +318,46 @@ def test_status_says_when_the_admin_port_is_off(tmp_path: Path, capsys: pytest.C
         fake.kill()
         fake.wait()
     assert "its admin port is off" in capsys.readouterr().err
+
+
+def _decisions(admin: int) -> float:
+    """meshgate_extauthz_decisions_total summed over its series, from the server's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("meshgate_extauthz_decisions_total")
+    )
+
+
+def test_healthcheck_takes_no_other_port_for_the_admin_and_makes_no_decision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Settings edited to name the ext_authz port as the admin's: its empty 200 is not the admin's answer, so the
+    sockets are searched, without probing the known service ports (a probe there would be an authz decision)."""
+    from tests.support.ports import free_port
+    from tests.support.procs import Proc
+
+    folder = tmp_path / "srv"
+    folder.mkdir()
+    (folder / "policy.yaml").write_text(HEALTH_POLICY)
+    admin, http_port = free_port(), free_port()
+    settings = folder / "settings.yaml"
+    body = f"config: policy.yaml\nhost: 127.0.0.1\ngrpc_port: 0\nhttp_port: {http_port}\nadmin_port: {{}}\n"
+    settings.write_text(body.format(admin))
+    command = [sys.executable, "-m", "meshgate", "serve", "extauthz", "--settings", "settings.yaml"]
+    with Proc(command, cwd=folder, name="serve") as server:
+        server.wait_for_port(admin, timeout=30)
+        server.wait_for_port(http_port, timeout=30)
+        settings.write_text(body.format(http_port))  # the admin port "moved" onto the ext_authz port
+        assert main(["healthcheck", "--pid", str(server.pid)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"ok: 127.0.0.1:{admin}/healthz") and "not as the admin port does" in out
+        settings.write_text(body.format(free_port()))  # a port nothing listens on; http_port still known
+        before = _decisions(admin)
+        assert main(["healthcheck", "--pid", str(server.pid)]) == 0
+        assert capsys.readouterr().out.startswith(f"ok: 127.0.0.1:{admin}/healthz")
+        assert _decisions(admin) == before  # the ext_authz port was not probed

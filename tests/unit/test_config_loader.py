@@ -291,10 +291,16 @@ def test_load_config_of_missing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["jwks_uri_with_credentials", "introspection_endpoint_with_credentials", "jwks_uri_bad_port"]
+    "name",
+    [
+        "jwks_uri_with_credentials",
+        "introspection_endpoint_with_credentials",
+        "jwks_uri_bad_port",
+        "jwks_uri_password_with_question_mark",
+    ],
 )
 def test_a_url_with_credentials_is_refused_without_quoting_them(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHGATE_TEST_SECRET", "s" * 32)
     with pytest.raises(ConfigError) as caught:
         load_config(FIXTURES / "invalid" / f"{name}.yaml")
-    assert "hunter2" not in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "ter2" not in str(caught.value)
