@@ -117,6 +117,7 @@ class Demo:
     reader_token: str
     stranger_token: str
     api_key: str
+    admin_port: int = 0  # extauthz's admin port (its /v1 API)
 
 
 def _claims(issuer: str, subject: str, roles: list[str]) -> dict[str, Any]:
@@ -194,6 +195,7 @@ def _start(stack: ExitStack, say: Callable[[str], None], envoy_bin: Path | None)
         reader_token=mint_token(key, key.kid, _claims(jwks.issuer, "alice", ["reader"])),
         stranger_token=mint_token(key, key.kid, _claims(jwks.issuer, "bob", [])),
         api_key=api_key,
+        admin_port=ports["admin_port"],
     )
 
 
@@ -280,7 +282,8 @@ def run_tour(demo: Demo, say: Callable[[str], None]) -> bool:
 
 
 def curl_lines(demo: Demo) -> str:
-    base = f"http://127.0.0.1:{demo.port}"
+    base, admin = f"http://127.0.0.1:{demo.port}", f"http://127.0.0.1:{demo.admin_port}"
+    dry_run = json.dumps({"path": "/api/hello", "headers": {"authorization": f"Bearer {demo.reader_token}"}})
     return textwrap.dedent(
         f"""\
         Try it (Ctrl-C stops everything):
@@ -290,7 +293,10 @@ def curl_lines(demo: Demo) -> str:
           curl -i {base}/api/reports/daily -H 'x-api-key: {demo.api_key}'
           # free tier, {FREE_PER_MINUTE}/min per subject: a burst ends in 429 with RateLimit headers and Retry-After
           for i in $(seq {FREE_PER_MINUTE + 2}); do curl -s -o /dev/null -D - {base}/api/hello \\
-            -H 'Authorization: Bearer {demo.reader_token}' | grep -iE '^(HTTP|ratelimit|retry-after)'; done"""
+            -H 'Authorization: Bearer {demo.reader_token}' | grep -iE '^(HTTP|ratelimit|retry-after)'; done
+          # extauthz's admin API: what it serves, and a dry run of a decision (neither counted nor audited)
+          curl -s {admin}/v1/status
+          curl -s {admin}/v1/check -d '{dry_run}'"""
     )
 
 

@@ -1,12 +1,15 @@
 """The README's demo command works: real Envoy + extauthz + ratelimit + local JWKS, and its tour passes."""
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -43,6 +46,15 @@ def test_demo_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert "Try it" in text, text
         assert "curl -i http://127.0.0.1:" in text and "Authorization: Bearer ey" in text
         assert "for i in $(seq" in text  # the burst that ends in 429
+        # The admin API lines work as printed: extauthz's status, and a dry run with the printed reader token.
+        admin = re.search(r"curl -s (http://127\.0\.0\.1:\d+)/v1/status", text)
+        check = re.search(r"/v1/check -d '(\{.*\})'", text)
+        assert admin is not None and check is not None, text
+        with urllib.request.urlopen(f"{admin[1]}/v1/status", timeout=10) as answer:
+            assert json.loads(answer.read())["service"] == "extauthz"
+        dry_run = urllib.request.Request(f"{admin[1]}/v1/check", data=check[1].encode(), method="POST")
+        with urllib.request.urlopen(dry_run, timeout=10) as answer:
+            assert json.loads(answer.read())["allowed"] is True
         children = _children(demo.pid)
         assert len(children) >= 3, "demo runs extauthz, ratelimit and Envoy as child processes"
         demo.send_signal(signal.SIGINT)
