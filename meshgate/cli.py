@@ -424,13 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 when /healthz answers on the admin port a running `meshgate serve` uses (its flags, env and "
         "settings file), else 1: for a container's HEALTHCHECK",
     )
-    healthcheck.add_argument(
-        "--pid", type=int, help="the serving process (default: PID 1 if it is `meshgate serve`, else the first one)"
-    )
+    pid_help = "the serving process (default: PID 1 if it is `meshgate serve`, else the first one)"
+    healthcheck.add_argument("--pid", type=int, help=pid_help)
     healthcheck.add_argument("--timeout", type=float, default=1.0, help="seconds for /healthz to answer (default 1)")
     healthcheck.set_defaults(handler=_healthcheck)
 
-    pid_help = "the serving process (default: PID 1 if it is `meshgate serve`, else the first one)"
     for name, handler, text in (
         ("status", _status, "print the running server's /v1/status (version, readiness, the config served)"),
         ("reload", _reload, "make the running server check its config files now (/v1/reload); exit 1 if rejected"),
