@@ -119,7 +119,7 @@ def local_only(allow_remote: bool) -> Callable[[Request], Awaitable[None]]:
     """A route dependency: 403 for a non-loopback client unless ``allow_remote``."""
 
     async def guard(request: Request) -> None:
-        if allow_remote or is_loopback(request.client.host if request.client else None):
+        if may_call_local(request, allow_remote):
             return
         flag = "--" + REMOTE_SETTING.replace("_", "-")
         raise ApiError(
@@ -144,6 +144,11 @@ def local_router(allow_remote: bool) -> APIRouter:
 
 def client_of(request: Request) -> str:
     return request.client.host if request.client else ""
+
+
+def may_call_local(request: Request, allow_remote: bool) -> bool:
+    """Whether ``request`` may use the calls that reveal or change things: a loopback client, or any when allowed."""
+    return allow_remote or is_loopback(client_of(request))
 
 
 # -- bodies ----------------------------------------------------------------------------------------------------
@@ -172,31 +177,24 @@ def json_request_body(model: type[BaseModel], *, by_alias: bool = True) -> dict[
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema, ())}}}}
 
 
-async def body_within(request: Request, limit: int) -> bytes | None:
-    """The request's body, or None as soon as it is known to be over ``limit`` bytes (the rest is never read, so
-    a huge or endless upload cannot fill the memory first). Raises ``ClientDisconnect`` when the client left."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body: 413 as soon as it is known to be over ``limit`` bytes (the rest is never read, so a huge
+    or endless upload cannot fill the memory first), 400 when the client left before the end."""
+    too_large = ApiError(413, "body_too_large", f"request body too large (at most {limit} bytes)")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        return None
+        raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """``body_within`` for a /v1 route: 413 past ``limit``, 400 when the client left before the end."""
     try:
-        raw = await body_within(request, limit)
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
     except ClientDisconnect:  # the client left (or sent a broken chunked body): nobody to answer
         raise ApiError(400, "incomplete_body", "request body incomplete") from None
-    if raw is None:
-        raise ApiError(413, "body_too_large", f"request body too large (at most {limit} bytes)")
-    return raw
+    return b"".join(chunks)
 
 
 # -- the shared routes -----------------------------------------------------------------------------------------
@@ -216,7 +214,7 @@ def v1_router(
     @public.get("/status", summary="Service, version, uptime, readiness and the config served (read-only)")
     async def status(request: Request) -> StatusOut:
         # A rejected config's error quotes the file's content (a value, a URL): for callers of the local routes only.
-        show_error = allow_remote or is_loopback(client_of(request))
+        show_error = may_call_local(request, allow_remote)
         return StatusOut(
             service=str(info.get("service", "")),
             version=str(info.get("version", "")),
